@@ -1,0 +1,60 @@
+"""The autograd glue shared by every fused backend: inverse norms, the negatives pass, the normalisation backward."""
+from __future__ import annotations
+
+import torch
+
+from .negatives import inverse_norms
+
+
+def _inv_norms(t: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    if normalize:
+        return inverse_norms(t, eps).to(dtype)
+    return torch.ones(t.shape[0], dtype=dtype, device=t.device)
+
+
+def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float,
+                           normalize: bool) -> torch.Tensor:
+    """d/dt of t / max(||t||, eps), given the gradient w.r.t. the normalised rows (fp32 math)."""
+    if not normalize:
+        return dhat.to(t.dtype)
+    dt = dhat.dtype if dhat.dtype == torch.float64 else torch.float32
+    dhat, inv = dhat.to(dt), inv.to(dt)
+    that = t.to(dt) * inv[:, None]
+    projected = dhat - (dhat * that).sum(1, keepdim=True) * that
+    # Below eps the map is the linear t / eps: no projection.
+    above = (1.0 / inv) > eps
+    return (torch.where(above[:, None], projected, dhat) * inv[:, None]).to(t.dtype)
+
+
+class NegativesFunction(torch.autograd.Function):
+    """(lse_neg, zsum_neg) of the negatives contract, differentiable in x, w, scale and bias."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
+                eps, chunk_size):
+        vec_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x_inv = _inv_norms(x, normalize_x, eps, vec_dtype)
+        w_inv = _inv_norms(w, normalize_w, eps, vec_dtype)
+        scale = scale.to(vec_dtype)
+        kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
+        lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
+                                    bool(clamp), **kwargs)
+        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse)
+        ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
+        return lse, zsum
+
+    @staticmethod
+    def backward(ctx, g_lse, g_sum):
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
+        backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
+        need_dscale = ctx.needs_input_grad[2]
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        dxhat, dwhat, dscale, dbias = backend.backward(
+            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
+            treatment, param, clamp, need_dscale, need_dbias, **kwargs)
+        dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
+        dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
+        dbias = dbias.to(bias.dtype) if need_dbias else None
+        return dx, dw, dscale, dbias, None, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,129 @@
+"""The loss, assembled: validation, the per-row pre-pass, a backend's negatives pass, and the per-row finish.
+
+pre-pass  (O(B*D), PyTorch autograd): cos_y, the target logit z_y = s f(cos_y) (+ b_y) and the mask threshold thr_i
+negatives (O(B*C*D), a backend):      lse_i and zsum_i over k != y_i       (see mvloss.negatives)
+finish    (O(B), PyTorch autograd):    lse = logaddexp(lse_neg, z_y), label smoothing, focal, hard mining, reduction
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import dispatch, margins
+from ._validate import check_inputs
+from .autograd import NegativesFunction
+from .config import LossConfig
+
+
+def _scalar_tensor(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=dtype).reshape(())
+    return torch.tensor(float(value), device=like.device, dtype=dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:
+    """cos_iy with autograd through both normalisations (O(B*D): a gather of B rows of W)."""
+    dt = compute_dtype(x)
+    xf = x.to(dt)
+    wy = weight[safe_labels].to(dt)
+    if cfg.normalize_x:
+        xf = xf / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(cfg.eps)
+    if cfg.normalize_w:
+        wy = wy / torch.linalg.vector_norm(wy, dim=1, keepdim=True).clamp_min(cfg.eps)
+    cos_y = (xf * wy).sum(1)
+    return cos_y.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_y
+
+
+def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> None:
+    """CurricularFace's EMA of the mean target cosine, updated in place before use (as FaceX-Zoo does)."""
+    if cfg.mv != "curricular" or cfg.tau_momentum <= 0 or not isinstance(cfg.t, torch.Tensor):
+        return
+    with torch.no_grad():
+        n = valid.sum()
+        mean = torch.where(n > 0, (cos_y * valid).sum() / n.clamp_min(1), cfg.t.reshape(()).to(cos_y.dtype))
+        cfg.t.mul_(1.0 - cfg.tau_momentum).add_(cfg.tau_momentum * mean.to(cfg.t.dtype))
+
+
+def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]):
+    """The pre-pass: (valid, safe_labels, cos_y, z_y, thr, scale_vec)."""
+    dt = compute_dtype(x)
+    valid = labels != cfg.ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    cos_y = target_cosine(x, weight, safe_labels, cfg)
+    update_tau(cfg, cos_y, valid)
+    f = margins.margin_target(cos_y, cfg)
+    if cfg.interclass_filtering_threshold > 0:
+        thr = torch.full_like(cos_y, cfg.interclass_filtering_threshold).detach()
+    elif cfg.mv == "none":
+        thr = torch.full_like(cos_y, math.inf).detach()
+    else:
+        thr = margins.mask_threshold(cos_y, f, cfg)
+    scale = _scalar_tensor(cfg.scale, x, dt)
+    z_y = scale * f
+    if bias is not None:
+        z_y = z_y + bias[safe_labels].to(dt)
+    return valid, safe_labels, cos_y, z_y, thr, scale
+
+
+def finish(lse: torch.Tensor, z_y: torch.Tensor, zsum_all: Optional[torch.Tensor], valid: torch.Tensor,
+           num_classes: int, cfg: LossConfig) -> torch.Tensor:
+    """Per-row loss from the full log-sum-exp, then focal / hard mining / reduction (O(B))."""
+    nll = lse - z_y
+    per_row = nll
+    if cfg.label_smoothing > 0:
+        eps = cfg.label_smoothing
+        per_row = (1.0 - eps) * nll + eps * (lse - zsum_all / num_classes)
+    if cfg.focal_gamma > 0:
+        p_y = torch.exp(-nll)
+        per_row = (1.0 - p_y).clamp_min(0.0) ** cfg.focal_gamma * per_row
+    zero = torch.zeros_like(per_row)
+    per_row = torch.where(valid, per_row, zero)
+    count = valid.sum()
+    if cfg.hard_ratio < 1.0:
+        keep = hard_rows(per_row.detach(), valid, cfg.hard_ratio)
+        per_row = torch.where(keep, per_row, zero)
+        count = keep.sum()
+    if cfg.reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if cfg.reduction == "sum":
+        return total
+    # All rows ignored: 0 with zero gradients, not NaN (a NaN poisons a whole distributed step).
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def hard_rows(per_row: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """HM-Softmax: the ceil(ratio * n_valid) rows with the largest loss."""
+    n_valid = valid.sum()
+    k = torch.ceil(n_valid.to(torch.float64) * ratio).long()
+    ranked = torch.where(valid, per_row, torch.full_like(per_row, -math.inf))
+    order = torch.argsort(ranked, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return valid & (rank < k)
+
+
+def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: str = "auto") -> torch.Tensor:
+    check_inputs(x, weight, labels, cfg.ignore_index, bias)
+    scale_grad = isinstance(cfg.scale, torch.Tensor) and cfg.scale.requires_grad
+    spec = dispatch.CallSpec(device=x.device, dtype=x.dtype, batch=x.shape[0], num_classes=weight.shape[0],
+                             dim=x.shape[1], has_bias=bias is not None, scale_requires_grad=scale_grad,
+                             bias_requires_grad=bias is not None and bias.requires_grad)
+    chosen = dispatch.select(backend, spec)
+    if not chosen.fused:
+        from . import reference
+        return reference.margin_softmax_loss(x, weight, labels, cfg, bias=bias)
+    valid, safe_labels, cos_y, z_y, thr, scale = target_side(x, weight, labels, cfg, bias)
+    neg_labels = torch.where(valid, labels, torch.full_like(labels, -1)).long()
+    scale_vec = scale.expand(x.shape[0]).contiguous()
+    lse_neg, zsum_neg = NegativesFunction.apply(
+        x, weight, scale_vec, bias, neg_labels, thr.to(scale_vec.dtype).contiguous(), chosen, cfg.treatment,
+        cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps, cfg.chunk_size)
+    lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
+    return finish(lse, z_y, zsum_neg + z_y, valid, weight.shape[0], cfg)

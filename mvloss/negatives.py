@@ -1,0 +1,78 @@
+"""The negatives pass: the one contract every fused backend implements.
+
+All target-side math (margins, fallbacks, SphereFace psi, presets' quirks, focal/HM weights) happens in PyTorch
+on per-row vectors (see ``mvloss.loss``).  What is left for a backend is the O(B*C*D) part: every entry of the
+cosine matrix that is *not* a row's target column.  With
+
+    c_ik = clamp?((x_i . w_k) * x_inv_i * w_inv_k)                (clamp to [-1, 1] only when ``clamp`` is set)
+    u_ik = h(c_ik)  if c_ik > thr_i  else  c_ik                   (h chosen by ``treatment``, see ``Treatment``)
+    z_ik = scale_i * u_ik (+ bias_k)
+
+for every class k != labels_i (a label of -1 excludes no column), a backend computes
+
+    forward:  lse_i  = logsumexp_{k != y_i} z_ik        (-inf when there is no negative)
+              zsum_i = sum_{k != y_i} z_ik               (only label smoothing needs it)
+
+and, given per-row upstream gradients ``g_lse`` and ``g_sum`` (zero on ignored rows),
+
+    dz_ik    = g_lse_i * exp(z_ik - lse_i) + g_sum_i     (k != y_i; 0 on the target column)
+    dc_ik    = dz_ik * scale_i * (h'(c_ik) if c_ik > thr_i else 1) * (0 if clamped away else 1)
+    dxhat_i  = sum_k dc_ik * w_k * w_inv_k               (gradient w.r.t. the normalised x row)
+    dwhat_k  = sum_i dc_ik * x_i * x_inv_i               (gradient w.r.t. the normalised w row)
+    dscale_i = sum_k dz_ik * u_ik                        (only when asked)
+    dbias_k  = sum_i dz_ik                               (only when asked)
+
+The normalisation backward (O(B*D + C*D)) is done once, in ``mvloss.autograd``, for every backend.
+Shapes: x (B, D), w (C, D) (any strides), x_inv (B,), w_inv (C,), labels (B,) int64, thr (B,), scale (B,),
+bias (C,) or None; every per-row / per-class vector is fp32.  Outputs are fp32; dxhat/dwhat may be returned in
+fp32 or in the input dtype.  Nothing of size B*C may be held by a fused backend.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class Treatment(enum.IntEnum):
+    """How a negative whose cosine exceeds the row threshold is re-weighted (h in DESIGN.md)."""
+
+    NONE = 0         # h(c) = c            (plain margin softmax; thr is +inf)
+    FIXED = 1        # h(c) = c + t        (MV-Softmax fixed)
+    ADAPTIVE = 2     # h(c) = (t + 1) c + t (MV-Softmax adaptive, FaceX-Zoo's mv_weight = 1 + t)
+    CURRICULAR = 3   # h(c) = c (t + c)    (CurricularFace, t = tau)
+    FILTER = 4       # h(c) = 0            (insightface interclass filtering: logit 0)
+
+
+def apply_treatment(c: torch.Tensor, treatment: int, param: float) -> torch.Tensor:
+    """h(c) for a tensor of cosines (no masking)."""
+    if treatment == Treatment.NONE:
+        return c
+    if treatment == Treatment.FIXED:
+        return c + param
+    if treatment == Treatment.ADAPTIVE:
+        return (param + 1.0) * c + param
+    if treatment == Treatment.CURRICULAR:
+        return c * (param + c)
+    if treatment == Treatment.FILTER:
+        return torch.zeros_like(c)
+    raise ValueError(f"unknown treatment {treatment}")
+
+
+def treatment_derivative(c: torch.Tensor, treatment: int, param: float) -> torch.Tensor:
+    """h'(c) for a tensor of cosines."""
+    if treatment == Treatment.NONE or treatment == Treatment.FIXED:
+        return torch.ones_like(c)
+    if treatment == Treatment.ADAPTIVE:
+        return torch.full_like(c, param + 1.0)
+    if treatment == Treatment.CURRICULAR:
+        return param + 2.0 * c
+    if treatment == Treatment.FILTER:
+        return torch.zeros_like(c)
+    raise ValueError(f"unknown treatment {treatment}")
+
+
+def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / max(||t_row||, eps) in fp32 (fp64 for fp64 input), the convention of F.normalize."""
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return 1.0 / torch.linalg.vector_norm(t.to(dt), dim=1).clamp_min(eps)
