@@ -90,6 +90,16 @@ def backends() -> list[dict]:
 
 def select(requested: str, spec: CallSpec) -> Backend:
     """The backend that runs this call; a clear error when an explicitly requested one cannot."""
+    return _REGISTRY[_select_name(requested, spec)]
+
+
+@torch.compiler.assume_constant_result
+def _select_name(requested: str, spec: CallSpec) -> str:
+    # Evaluated eagerly while torch.compile traces: a choice of backend is a constant of the graph.
+    return _select(requested, spec).name
+
+
+def _select(requested: str, spec: CallSpec) -> Backend:
     if requested == "auto":
         requested = os.environ.get("MVLOSS_BACKEND", "auto") or "auto"
     if requested != "auto":

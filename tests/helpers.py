@@ -1,0 +1,45 @@
+"""Shared test helpers: run a backend and the reference, compare both against an fp64 truth."""
+import torch
+
+from mvloss import functional as F
+
+# Floor on the allowed error, relative to the largest |truth| entry, per input dtype.
+REL_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def make_inputs(B, C, D, dtype=torch.float32, ignore=(), seed=0, device="cpu", ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g)
+    w = torch.randn(C, D, generator=g)
+    # plant some rows close to their class so margins, masks and fallbacks all see traffic
+    y = torch.randint(0, C, (B,), generator=g)
+    x[: B // 2] += 2.0 * w[y[: B // 2]]
+    for i in ignore:
+        y[i] = ignore_index
+    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), y.to(device)
+
+
+def run(x, w, y, backend, fn=F.margin_softmax_loss, **kw):
+    """loss and gradients (fp64 copies) of one backend on leaf copies of x and w."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    loss = fn(x, w, y, backend=backend, **kw)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    (loss * upstream).sum().backward()
+    return [loss.detach().double(), x.grad.double(), w.grad.double()]
+
+
+def assert_matches_reference(x, w, y, backend, fn=F.margin_softmax_loss, factor=2.0, **kw):
+    """The backend's error against an fp64 truth is within ``factor`` x the reference's own error at this dtype."""
+    truth = run(x.double(), w.double(), y, "reference", fn, **kw)
+    ref = run(x, w, y, "reference", fn, **kw)
+    got = run(x, w, y, backend, fn, **kw)
+    for name, t, r, g in zip(("loss", "dx", "dW"), truth, ref, got):
+        assert torch.isfinite(g).all(), f"{name}: non-finite values from {backend}"
+        scale = t.abs().max().item()
+        err_ref = (r - t).abs().max().item()
+        err_got = (g - t).abs().max().item()
+        allowed = factor * err_ref + REL_FLOOR[x.dtype] * max(scale, 1e-30)
+        assert err_got <= allowed, (f"{name}: {backend} error {err_got:.3e} > allowed {allowed:.3e} "
+                                    f"(reference error {err_ref:.3e}, |truth| {scale:.3e}, options {kw})")
+    return truth, got

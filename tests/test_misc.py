@@ -1,0 +1,41 @@
+"""Regularisers, schedules and the info command."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mvloss import functional as F
+
+
+def test_ring_loss_value_and_gradient():
+    x = torch.tensor([[3.0, 4.0], [0.0, 2.0]], requires_grad=True)
+    radius = torch.tensor(4.0, requires_grad=True)
+    loss = F.ring_loss(x, radius, weight=0.5)
+    assert loss.item() == pytest.approx(0.5 * 0.5 * ((5 - 4) ** 2 + (2 - 4) ** 2) / 2)
+    loss.backward()
+    assert radius.grad.item() == pytest.approx(0.5 * ((4 - 5) + (4 - 2)) / 2)
+
+
+def test_up_loss_pulls_novel_norms_to_base_mean():
+    w = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 0.0]], requires_grad=True)
+    loss = F.up_loss(w, torch.tensor([2]))
+    alpha = (1.0 + 9.0) / 2
+    assert loss.item() == pytest.approx((4.0 - alpha) ** 2)
+    loss.backward()
+    assert w.grad[0].abs().sum() == 0 and w.grad[2, 0] < 0
+    with pytest.raises(ValueError):
+        F.up_loss(w, torch.tensor([0, 1, 2]))
+
+
+def test_heated_up_schedule():
+    assert F.heated_up_scale(0, start=64, end=16, heat_at=10) == 64
+    assert F.heated_up_scale(10, start=64, end=16, heat_at=10) == 16
+    assert F.heated_up_scale(15, start=64, end=16, heat_at=10, heat_steps=10) == pytest.approx(40)
+
+
+def test_info_command_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "mvloss", "info"], capture_output=True, text=True, check=True).stdout
+    for name in ("reference", "chunked", "triton", "cpu", "cuda"):
+        assert name in out
+    assert "torch" in out
