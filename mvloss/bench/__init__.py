@@ -1,0 +1,1 @@
+"""``python -m mvloss.bench``: speed and memory of every mvloss backend against what users run today."""

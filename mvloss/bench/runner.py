@@ -1,0 +1,126 @@
+"""Measuring one case: time (median), throughput, peak extra memory; OOM and unavailable methods become rows too.
+
+On CUDA a case runs in-process (CUDA events, ``torch.cuda.max_memory_allocated``); on CPU each case runs in a child
+process so its peak RSS is its own and an out-of-memory kill cannot take the whole benchmark down.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import methods
+from .metrics import tflops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(B, C, D, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(C, D, generator=g) * 0.01).to(device=device, dtype=dtype) if C * D <= 50_000_000 else \
+        torch.empty(C, D, device=device, dtype=dtype).normal_(0, 0.01)
+    y = torch.randint(0, C, (B,), generator=g).to(device)
+    return x, w, y
+
+
+def gemm_floor_step(x, w, backward):
+    """The bare cuBLAS/ATen GEMMs a fused head must do: x W^T (forward); plus dX = G W and dW = G^T x."""
+    z = x @ w.T
+    if backward:
+        z @ w
+        z.T @ x
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def timed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return timed
+
+
+def measure(case: dict, budget_s: float = 2.0, max_reps: int = 50) -> dict:
+    """Run one case in this process and return its row."""
+    method, loss, B, C, D = case["method"], case["loss"], case["B"], case["C"], case["D"]
+    device, dtype, backward = torch.device(case["device"]), DTYPES[case["dtype"]], case["pass"] == "fwd+bwd"
+    row = dict(case, ms=None, tflops=None, peak_extra_mb=None, status="ok")
+    if method != "gemm_floor":
+        why = methods.unavailable(method, loss, device, dtype, B, C, D)
+        if why is not None:
+            return dict(row, status=f"unavailable: {why}")
+    x, w, y = make_inputs(B, C, D, dtype, device)
+    if backward:
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+    if method == "gemm_floor":
+        def step():
+            gemm_floor_step(x.detach(), w.detach(), backward)
+    else:
+        fn = methods.make(method, loss)
+
+        def step():
+            out = fn(x, w, y)
+            if backward:
+                out.backward()
+                x.grad = w.grad = None
+            return out
+    timed = _timer(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        first = timed(step)  # warm-up (compiles, autotunes)
+        grads_mb = (x.numel() + w.numel()) * x.element_size() / 2**20 if backward else 0.0
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20 - grads_mb
+        else:
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 - grads_mb  # KiB -> MiB
+        times = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_reps):
+            times.append(timed(step))
+        ms = statistics.median(times)
+    except torch.cuda.OutOfMemoryError:
+        return dict(row, status="oom")
+    except MemoryError:
+        return dict(row, status="oom")
+    del first
+    return dict(row, ms=ms, tflops=tflops(B, C, D, backward, ms), peak_extra_mb=max(peak, 0.0))
+
+
+def measure_isolated(case: dict, budget_s: float = 2.0, timeout_s: float = 600.0) -> dict:
+    """Run one case in a child process (CPU): its own peak RSS; a kill or a crash becomes the row's status."""
+    cmd = [sys.executable, "-m", "mvloss.bench", "--one", json.dumps(case), "--budget", str(budget_s)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(case, ms=None, tflops=None, peak_extra_mb=None, status=f"timeout after {timeout_s:.0f} s")
+    if proc.returncode != 0:
+        status = "oom (killed)" if proc.returncode in (-9, 137) else f"error: {proc.stderr.strip()[-300:]}"
+        return dict(case, ms=None, tflops=None, peak_extra_mb=None, status=status)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def estimated_bytes(method: str, B: int, C: int, dtype_bytes: int) -> int:
+    """Rough memory a B x C-materialising method needs (several fp32 B x C temporaries); fused ones need none."""
+    if method.startswith("mvloss:") or method in ("cce", "liger"):
+        return 0
+    return 6 * B * C * 4 if method != "gemm_floor" else B * C * dtype_bytes
