@@ -78,3 +78,13 @@ def test_single_class_and_single_row():
         assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
     x, w, y = make_inputs(1, 13, 5)
     assert_matches_reference(x, w, y, "chunked", chunk_size=4, m3=0.3, mv="fixed", t=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["arcface", "mv_arc_adaptive", "curricular", "insightface_filter",
+                                    "facexzoo_mv_am", "label_smoothing"])
+def test_chunked_on_gpu(family, dtype):
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw, dtype)
+    assert_matches_reference(x.cuda(), w.cuda(), y.cuda(), "chunked", chunk_size=CHUNK, **kw)
