@@ -42,10 +42,10 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ig
     if len(devices) > 1:
         raise ValueError(f"x, weight, labels (and bias) must be on one device, got {sorted(map(str, devices))}")
     if not torch.compiler.is_compiling() and labels.numel() > 0:
-        _check_label_range(labels, weight.shape[0], ignore_index)
+        check_label_range(labels, weight.shape[0], ignore_index)
 
 
-def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):  # one host sync: the price of never reaching a device-side assert
         first = labels[bad][0].item()

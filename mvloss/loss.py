@@ -51,11 +51,18 @@ def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> Non
 
 
 def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]):
-    """The pre-pass: (valid, safe_labels, cos_y, z_y, thr, scale_vec)."""
-    dt = compute_dtype(x)
+    """The pre-pass: (valid, safe_labels, cos_y, z_y, thr, scale)."""
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     cos_y = target_cosine(x, weight, safe_labels, cfg)
+    z_y, thr, scale = target_logits(cos_y, valid, cfg, x)
+    if bias is not None:
+        z_y = z_y + bias[safe_labels].to(z_y.dtype)
+    return valid, safe_labels, cos_y, z_y, thr, scale
+
+
+def target_logits(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
+    """From the target cosines: (z_y = s f(cos_y), the detached mask threshold thr, the scale as a 0-d tensor)."""
     update_tau(cfg, cos_y, valid)
     f = margins.margin_target(cos_y, cfg)
     if cfg.interclass_filtering_threshold > 0:
@@ -64,11 +71,25 @@ def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]
         thr = torch.full_like(cos_y, math.inf).detach()
     else:
         thr = margins.mask_threshold(cos_y, f, cfg)
-    scale = _scalar_tensor(cfg.scale, x, dt)
-    z_y = scale * f
-    if bias is not None:
-        z_y = z_y + bias[safe_labels].to(dt)
-    return valid, safe_labels, cos_y, z_y, thr, scale
+    scale = _scalar_tensor(cfg.scale, like, compute_dtype(like))
+    return scale * f, thr, scale
+
+
+def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.Backend:
+    scale_grad = isinstance(cfg.scale, torch.Tensor) and cfg.scale.requires_grad
+    spec = dispatch.CallSpec(device=x.device, dtype=x.dtype, batch=x.shape[0], num_classes=weight.shape[0],
+                             dim=x.shape[1], has_bias=bias is not None, scale_requires_grad=scale_grad,
+                             bias_requires_grad=bias is not None and bias.requires_grad)
+    return dispatch.select(backend, spec)
+
+
+def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig):
+    """(lse_neg, zsum_neg) over every class k != neg_labels_i (-1: none excluded) with a fused backend."""
+    scale_vec = scale.expand(x.shape[0]).contiguous()
+    return NegativesFunction.apply(
+        x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), chosen,
+        cfg.treatment, cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps,
+        cfg.chunk_size)
 
 
 def finish(lse: torch.Tensor, z_y: torch.Tensor, zsum_all: Optional[torch.Tensor], valid: torch.Tensor,
@@ -111,19 +132,12 @@ def hard_rows(per_row: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch
 
 def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: str = "auto") -> torch.Tensor:
     check_inputs(x, weight, labels, cfg.ignore_index, bias)
-    scale_grad = isinstance(cfg.scale, torch.Tensor) and cfg.scale.requires_grad
-    spec = dispatch.CallSpec(device=x.device, dtype=x.dtype, batch=x.shape[0], num_classes=weight.shape[0],
-                             dim=x.shape[1], has_bias=bias is not None, scale_requires_grad=scale_grad,
-                             bias_requires_grad=bias is not None and bias.requires_grad)
-    chosen = dispatch.select(backend, spec)
+    chosen = select_backend(x, weight, cfg, bias, backend)
     if not chosen.fused:
         from . import reference
         return reference.margin_softmax_loss(x, weight, labels, cfg, bias=bias)
     valid, safe_labels, cos_y, z_y, thr, scale = target_side(x, weight, labels, cfg, bias)
-    neg_labels = torch.where(valid, labels, torch.full_like(labels, -1)).long()
-    scale_vec = scale.expand(x.shape[0]).contiguous()
-    lse_neg, zsum_neg = NegativesFunction.apply(
-        x, weight, scale_vec, bias, neg_labels, thr.to(scale_vec.dtype).contiguous(), chosen, cfg.treatment,
-        cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps, cfg.chunk_size)
+    neg_labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    lse_neg, zsum_neg = negatives_pass(chosen, x, weight, bias, neg_labels, thr, scale, cfg)
     lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
     return finish(lse, z_y, zsum_neg + z_y, valid, weight.shape[0], cfg)

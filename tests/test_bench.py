@@ -1,6 +1,5 @@
 """The benchmark must not rot: its metric code, result files and --compare, and a tiny CPU run."""
 import json
-import os
 
 import pytest
 import torch
