@@ -12,18 +12,27 @@ def _inv_norms(t: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype)
     return torch.ones(t.shape[0], dtype=dtype, device=t.device)
 
 
+# Rows per block of the normalisation backward: its fp32 temporaries stay a few MB whatever C is.
+NORM_BLOCK_ELEMS = 1 << 20
+
+
 def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float,
                            normalize: bool) -> torch.Tensor:
-    """d/dt of t / max(||t||, eps), given the gradient w.r.t. the normalised rows (fp32 math)."""
+    """d/dt of t / max(||t||, eps), given the gradient w.r.t. the normalised rows (fp32 math, in row blocks)."""
     if not normalize:
         return dhat.to(t.dtype)
     dt = dhat.dtype if dhat.dtype == torch.float64 else torch.float32
-    dhat, inv = dhat.to(dt), inv.to(dt)
-    that = t.to(dt) * inv[:, None]
-    projected = dhat - (dhat * that).sum(1, keepdim=True) * that
-    # Below eps the map is the linear t / eps: no projection.
-    above = (1.0 / inv) > eps
-    return (torch.where(above[:, None], projected, dhat) * inv[:, None]).to(t.dtype)
+    out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
+    step = max(1, NORM_BLOCK_ELEMS // max(t.shape[1], 1))
+    for r0 in range(0, t.shape[0], step):
+        r1 = min(t.shape[0], r0 + step)
+        d, rinv = dhat[r0:r1].to(dt), inv[r0:r1].to(dt)[:, None]
+        that = t[r0:r1].to(dt) * rinv
+        projected = d - (d * that).sum(1, keepdim=True) * that
+        # Below eps the map is the linear t / eps: no projection.
+        above = (1.0 / rinv) > eps
+        out[r0:r1] = (torch.where(above, projected, d) * rinv).to(t.dtype)
+    return out
 
 
 class NegativesFunction(torch.autograd.Function):
