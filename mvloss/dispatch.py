@@ -90,13 +90,14 @@ def backends() -> list[dict]:
 
 def select(requested: str, spec: CallSpec) -> Backend:
     """The backend that runs this call; a clear error when an explicitly requested one cannot."""
-    return _REGISTRY[_select_name(requested, spec)]
+    return _REGISTRY[_select_name(requested, *dataclasses.astuple(spec))]
 
 
 @torch.compiler.assume_constant_result
-def _select_name(requested: str, spec: CallSpec) -> str:
-    # Evaluated eagerly while torch.compile traces: a choice of backend is a constant of the graph.
-    return _select(requested, spec).name
+def _select_name(requested: str, *spec_fields) -> str:
+    # Evaluated eagerly while torch.compile traces: a choice of backend is a constant of the graph.  The spec
+    # travels as plain fields (dynamo hands a dataclass to such a function without its attributes).
+    return _select(requested, CallSpec(*spec_fields)).name
 
 
 def _select(requested: str, spec: CallSpec) -> Backend:

@@ -23,3 +23,25 @@ def test_compile_fullgraph_training_step_chunked():
         grads.append((loss.detach(), xb.grad, wb.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_a_backend_that_reads_the_spec():
+    from mvloss import dispatch
+    from mvloss.backends import chunked
+
+    seen = []
+
+    def cannot_run(spec):
+        seen.append((spec.device.type, spec.dtype, spec.batch, spec.num_classes, spec.dim))
+        return None if spec.dtype == torch.float32 else "fp32 only"
+
+    dispatch.register(dispatch.Backend(name="spec_reader", priority=95, forward=chunked.forward,
+                                       backward=chunked.backward, cannot_run=cannot_run))
+    try:
+        x, w, y = make_inputs(6, 20, 8)
+        fn = torch.compile(lambda x, w, y: F.cosface_loss(x, w, y, backend="spec_reader"), fullgraph=True)
+        torch.testing.assert_close(fn(x, w, y), F.cosface_loss(x, w, y, backend="reference"))
+        assert ("cpu", torch.float32, 6, 20, 8) in seen
+    finally:
+        dispatch._REGISTRY.pop("spec_reader")
