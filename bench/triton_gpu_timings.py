@@ -1,0 +1,196 @@
+"""Timings of the Triton backend on a CUDA GPU: forward ms, forward+backward ms, TFLOP/s, peak extra MB.
+
+    python bench/triton_gpu_timings.py                      # the DESIGN.md grid, bf16
+    python bench/triton_gpu_timings.py --dtype fp16 --B 1024 --C 100000 --D 512 --out timings.json
+    python bench/triton_gpu_timings.py --smoke              # check the script itself on a CPU (interpreter)
+
+Per shape it times, at the same dtype:
+  triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
+  triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
+  chunked     the pure-PyTorch chunked backend (same loss);
+  gemms       the three bare cuBLAS GEMMs the loss must do (x W^T, dZ W, dZ^T x) at the input dtype: the floor;
+  eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C).
+TFLOP/s counts 2 B C D for a forward and 8 B C D for forward+backward (one forward, one recompute, dX and dW), the
+same count for every row so the numbers compare.  Peak MB is torch.cuda.max_memory_allocated() above what was
+allocated before the step.  The device name is in every record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn: CUDA events on a GPU, wall clock otherwise (--smoke)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _peak_mb(fn, device: torch.device) -> float:
+    if device.type != "cuda":
+        fn()
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34):
+    import mvloss.triton.ops  # noqa: F401  (registers the ops)
+    from mvloss import functional as F
+    from mvloss.negatives import inverse_norms
+
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(True)
+    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype).requires_grad_(True)
+    y = torch.randint(0, C, (B,), device=device, generator=g)
+    kw = dict(scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    rec = dict(device=name, B=B, C=C, D=D, dtype=str(dtype).replace("torch.", ""))
+    fwd_flops, step_flops = 2.0 * B * C * D, 8.0 * B * C * D
+
+    def timed(fn):
+        return _time(fn, device, warmup, iters)
+
+    def peak(fn):
+        return _peak_mb(fn, device)
+
+    def loss_step(backend):
+        def step():
+            x.grad = None
+            w.grad = None
+            F.arcface_loss(x, w, y, backend=backend, **kw).backward()
+        return step
+
+    def loss_fwd(backend):
+        def fwd():
+            with torch.no_grad():
+                F.arcface_loss(x, w, y, backend=backend, **kw)
+        return fwd
+
+    for backend in ("triton", "chunked"):
+        ms_f = timed(loss_fwd(backend))
+        ms_s = timed(loss_step(backend))
+        rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
+                            fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
+
+    # the bare ops (no normalisation backward, no target side)
+    xd, wd = x.detach(), w.detach()
+    args = (xd, wd, inverse_norms(xd, 1e-12), inverse_norms(wd, 1e-12), y, torch.zeros(B, device=device),
+            torch.full((B,), 32.0, device=device), None, 2, 0.2, False)
+    lse, _ = torch.ops.mvloss.triton_neg_forward(*args)
+    bargs = args[:8] + (lse, torch.ones(B, device=device) / B, torch.zeros(B, device=device), 2, 0.2, False,
+                        False, False)
+    ms_f = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
+    ms_b = timed(lambda: torch.ops.mvloss.triton_neg_backward(*bargs))
+    rec["triton_ops"] = dict(fwd_ms=ms_f, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
+                             fwd_bwd_tflops=step_flops / (ms_f + ms_b) / 1e9,
+                             fwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_forward(*args)),
+                             bwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_backward(*bargs)))
+
+    # the floor: three GEMMs at the input dtype, in class chunks of at most 64k so B x chunk fits
+    chunk = min(C, 65536)
+    dz = torch.randn(B, chunk, device=device).to(dtype)
+
+    def gemms():
+        dx = torch.zeros(B, D, device=device, dtype=dtype)
+        for c0 in range(0, C, chunk):
+            wc = wd[c0:c0 + chunk]
+            d = dz[:, : wc.shape[0]]
+            _ = xd @ wc.T
+            dx += d @ wc
+            _ = d.T @ xd
+
+    ms_g = timed(gemms)
+    rec["gemms"] = dict(fwd_bwd_ms=ms_g, tflops=6.0 * B * C * D / ms_g / 1e9,
+                        triton_over_gemms=rec["triton"]["fwd_bwd_ms"] / ms_g)
+
+    if B * C * 4 * 3 <= skip_eager_above:
+        import torch.nn.functional as tF
+
+        def eager():
+            x.grad = None
+            w.grad = None
+            cos = tF.linear(tF.normalize(x), tF.normalize(w)).float()
+            onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, y[:, None], True)
+            theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+            logits = torch.where(onehot, torch.cos(theta + 0.5), cos) * 32.0
+            tF.cross_entropy(logits, y).backward()
+
+        rec["eager"] = dict(fwd_bwd_ms=timed(eager), peak_mb=peak(eager))
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--B", type=int, nargs="*", default=[256, 1024])
+    p.add_argument("--C", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--D", type=int, nargs="*", default=[128, 512])
+    p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--smoke", action="store_true",
+                   help="check this script on the CPU: Triton interpreter, one tiny shape, meaningless timings")
+    a = p.parse_args(argv)
+    device, warmup, iters = "cuda", 3, 10
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+        device, warmup, iters = "cpu", 0, 1
+        a.B, a.C, a.D, a.dtype = [5], [300], [24], "fp32"
+    elif not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 1
+    records = []
+    for B in a.B:
+        for C in a.C:
+            for D in a.D:
+                rec = bench_shape(B, C, D, DTYPES[a.dtype], device=device, warmup=warmup, iters=iters)
+                records.append(rec)
+                t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
+                print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
+                      f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, peak "
+                      f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} bwd {o['bwd_ms']:.2f} ms | "
+                      f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
+                      f"(x{gm['triton_over_gemms']:.2f})"
+                      + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else ""), flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The "triton" backend: fused Triton kernels for the negatives contract (see ``mvloss.negatives``).
+
+Importing this package never imports Triton and never raises when Triton is missing: the kernels and the custom ops
+(``mvloss::triton_neg_forward`` / ``mvloss::triton_neg_backward``) load when the backend is first chosen.
+
+When it runs (``unavailable`` / ``cannot_run``):
+
+* Triton must be importable, and there must be a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter).
+* Inputs must be fp32, fp16 or bf16 (fp64 goes to "chunked"/"reference"), on a CUDA device.
+* CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (the kernels then run in Triton's interpreter, orders of
+  magnitude slower than "chunked").  ``backend="auto"`` never picks "triton" for CPU tensors (``mvloss.dispatch``
+  skips it), so the test suite, which sets ``TRITON_INTERPRET=1`` on machines without a GPU, reaches the interpreter
+  only where a test asks for ``backend="triton"`` by name.
+* Learnable scale (dscale) and learnable bias (dbias) are supported.
+
+Determinism: the backward is two kernels (dx over row blocks looping over classes, dW over class blocks looping
+over rows); neither uses atomics and class splits are summed in a fixed order, so results are bitwise reproducible
+for a given device, shape and configuration (so ``torch.use_deterministic_algorithms(True)`` needs nothing more).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_triton_error: Optional[str] = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_missing() -> Optional[str]:
+    global _triton_error
+    if _triton_error is None:
+        try:
+            found = importlib.util.find_spec("triton") is not None
+        except Exception as exc:  # a broken install must not break mvloss
+            _triton_error = f"triton cannot be imported: {type(exc).__name__}: {exc}"
+        else:
+            _triton_error = "" if found else "triton is not installed (pip install triton)"
+    return _triton_error or None
+
+
+def unavailable() -> Optional[str]:
+    why = _triton_missing()
+    if why is not None:
+        return why
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, slowly)"
+    return None
+
+
+def cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
+    why = _triton_missing() or _cannot_run(spec)
+    if why is None:
+        _load_ops()
+    return why
+
+
+def _cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
+    if spec.dtype not in _SUPPORTED:
+        return (f"dtype {spec.dtype} is not supported by the Triton kernels (fp32, fp16, bf16); "
+                "use backend='chunked' or 'reference'")
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not _interpreting():
+            return ("inputs are on the CPU: the Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them on "
+                    "the CPU, slowly)")
+        return None
+    return f"device {device.type!r} is not supported by the Triton kernels (CUDA only)"
+
+
+_ops_loaded = False
+
+
+def _load_ops() -> None:
+    """Import Triton and register the custom ops (once).  Done eagerly by ``cannot_run`` when the backend is chosen,
+    so that under torch.compile the traced ``forward``/``backward`` only look up ``torch.ops.mvloss``."""
+    global _ops_loaded
+    if not _ops_loaded:
+        from . import ops  # noqa: F401
+
+        _ops_loaded = True
+
+
+def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, **kwargs):
+    """The contract's forward -> (lse, zsum) fp32 (B,).  ``chunk_size`` and other backend keywords are ignored."""
+    if not torch.compiler.is_compiling():
+        _load_ops()
+    return torch.ops.mvloss.triton_neg_forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment),
+                                               float(param), bool(clamp))
+
+
+def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
+             need_dscale=False, need_dbias=False, **kwargs):
+    """The contract's backward -> (dxhat, dwhat, dscale or None, dbias or None), fp32."""
+    if not torch.compiler.is_compiling():
+        _load_ops()
+    need_dbias = bool(need_dbias) and bias is not None
+    dxhat, dwhat, dscale, dbias = torch.ops.mvloss.triton_neg_backward(
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), float(param),
+        bool(clamp), bool(need_dscale), need_dbias)
+    return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
+
+
+def inverse_norms_pair(a, b, eps):
+    """Fused 1/max(||row||, eps) of both matrices (fp32); see ``mvloss.triton.inv_norm``."""
+    from .inv_norm import inverse_norms_pair as impl
+
+    return impl(a, b, eps)
+
+
+dispatch.register(dispatch.Backend(name="triton", priority=10, forward=forward, backward=backward,
+                                   unavailable=unavailable, cannot_run=cannot_run))

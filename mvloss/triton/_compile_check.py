@@ -1,0 +1,116 @@
+"""Compile the kernels for a CUDA architecture without a GPU and report shared memory, registers and spills.
+
+    python -m mvloss.triton._compile_check [--arch 90] [--dtype bf16 fp32] [--B 1 64 1024] [--D 64 128 512]
+
+The interpreter checks what the kernels compute; this checks that the GPU path compiles (tl.dot shapes, dtypes,
+constexpr branches) with the configurations ``_config`` picks, that each fits shared memory, and how many bytes
+ptxas spills (Triton's bundled ptxas; no driver needed).  Must run without TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SHARED_LIMIT = 227 * 1024  # sm_90 / sm_100 per-block opt-in maximum
+
+
+def _signature(fn, dtype, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("x_ptr", "w_ptr", "a_ptr", "b_ptr"):
+            sig[name] = "*" + _DT[dtype]
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("param", "eps"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _ptxas_info(ptx: str, arch: int) -> dict:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {out.stderr[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr)]
+    return dict(registers=int(regs.group(1)) if regs else -1, spill_bytes=max(spill) if spill else 0)
+
+
+def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
+                   clamp: bool = True, has_bias: bool = True) -> dict:
+    """Compile one kernel ("fwd", "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("run without TRITON_INTERPRET=1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _config
+    from .backward_dw import neg_dw_kernel
+    from .backward_dx import neg_dx_kernel
+    from .forward_lse import neg_lse_kernel
+
+    fn = {"fwd": neg_lse_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
+    cfg = _config.forward_config(batch, dim, dtype) if kernel == "fwd" else \
+        _config.backward_config(kernel, batch, dim, dtype)
+    consts = dict(TREATMENT=treatment, CLAMP=clamp, HAS_BIAS=has_bias, UPCAST=False,
+                  PRECISION=_config.input_precision(dtype))
+    if kernel != "fwd":
+        consts["SCALE_DC"] = _config.scale_dc(dtype)
+    if kernel == "dx":
+        consts["NEED_DSCALE"] = True
+    if kernel == "dw":
+        consts["NEED_DBIAS"] = True
+    consts.update({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+    src = ASTSource(fn, _signature(fn, dtype, consts), constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared)
+    info.update(_ptxas_info(compiled.asm["ptx"], arch))
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mvloss.triton._compile_check")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--dtype", nargs="*", default=["bf16", "fp32"], choices=sorted(_NAMES))
+    p.add_argument("--B", type=int, nargs="*", default=[1, 64, 1024])
+    p.add_argument("--D", type=int, nargs="*", default=[64, 128, 512])
+    a = p.parse_args(argv)
+    worst = 0
+    for dt in a.dtype:
+        for b in a.B:
+            for d in a.D:
+                for kernel in ("fwd", "dx", "dw"):
+                    r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
+                    worst = max(worst, r["spill_bytes"])
+                    print(f"{kernel:3} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
+                          f"spill={r['spill_bytes']:>4}  {r['config']}", flush=True)
+    print(f"worst spill: {worst} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Launch configurations for the Triton kernels (no Triton import here: this module is imported by the registry).
+
+A small fixed table keyed on (D, dtype, batch bucket) picks the tile sizes; ``MVLOSS_AUTOTUNE=1`` swaps in a
+``triton.autotune`` search over a larger set (keyed on D, the batch bucket and the input dtypes).  Under
+``TRITON_INTERPRET=1`` one small configuration is used so the CPU interpreter stays fast.
+
+None of the numbers below has been tuned on a GPU yet; see README.md in this folder.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Every BLOCK_C used by any configuration divides this, so a class split of a multiple of it suits all of them.
+SPLIT_ALIGN = 256
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    return os.environ.get("MVLOSS_AUTOTUNE", "0") == "1" and not interpreting()
+
+
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def fp32_precision() -> str:
+    """tl.dot precision for fp32 inputs: MVLOSS_TRITON_FP32_PRECISION = ieee (default: exact fp32 products, CUDA
+    cores), tf32x3 (three TF32 tensor-core products, close to fp32) or tf32 (fastest, ~1e-3 relative error)."""
+    value = os.environ.get("MVLOSS_TRITON_FP32_PRECISION", "ieee").lower()
+    if value not in FP32_PRECISIONS:
+        raise ValueError(f"MVLOSS_TRITON_FP32_PRECISION={value!r} is not one of {FP32_PRECISIONS}")
+    return value
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee" if interpreting() else fp32_precision()
+    return "tf32"  # not used by tl.dot for fp16/bf16 operands
+
+
+def scale_dc(dtype: torch.dtype) -> bool:
+    """fp16/bf16 inputs: the backward normalises dc per row before rounding it for tl.dot (see _tiles.dc_scale)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def batch_bucket(batch: int) -> int:
+    """Power-of-two bucket of the batch (16 .. 4096), part of the autotune key."""
+    b = 16
+    while b < batch and b < 4096:
+        b *= 2
+    return b
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs we want in flight: two per SM on a GPU, a handful under the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return 4
+    env = os.environ.get("MVLOSS_TRITON_PROGRAMS")
+    if env:
+        return max(1, int(env))
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def class_split(num_rows: int, block_rows: int, num_classes: int, device: torch.device) -> tuple[int, int]:
+    """(splits, classes per split) so that row blocks x splits fills the device; the per-split chunk is a multiple
+    of SPLIT_ALIGN.  ``MVLOSS_TRITON_SPLITS`` forces the number of splits (for testing and measuring)."""
+    row_blocks = max(1, -(-num_rows // block_rows))
+    env = os.environ.get("MVLOSS_TRITON_SPLITS")
+    if env:
+        want = max(1, int(env))
+    else:
+        want = max(1, -(-target_programs(device) // row_blocks))
+    max_splits = max(1, -(-num_classes // SPLIT_ALIGN))
+    splits = min(want, max_splits)
+    per = -(-num_classes // splits)
+    chunk = -(-per // SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = -(-num_classes // chunk)
+    return splits, chunk
+
+
+def k_block(dtype: torch.dtype) -> int:
+    """BLOCK_K, the D slice of one tl.dot step, shared by the forward and both backward kernels: the backward then
+    recomputes each cosine with the same summation order as the forward, so exp(z - lse) is consistent with lse
+    (a different order costs a few fp32 ulps of z, times the scale, in every gradient entry)."""
+    if interpreting():
+        return 32
+    return 16 if dtype == torch.float32 else 64
+
+
+def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the forward (LSE) kernel.
+
+    Chosen without a GPU: each compiles for sm_90 without (or with < 64 bytes of) register spills and fits shared
+    memory (``python -m mvloss.triton._compile_check``); none is timed yet.  fp32 uses exact fp32 products (FMA
+    path), which needs small K slices."""
+    bk = k_block(dtype)
+    if interpreting():
+        return dict(BLOCK_B=32, BLOCK_C=64, BLOCK_K=bk, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        if batch <= 16:
+            return dict(BLOCK_B=16, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=3)
+        return dict(BLOCK_B=64, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
+    if batch <= 16:
+        return dict(BLOCK_B=16, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
+    if batch <= 64:
+        return dict(BLOCK_B=64, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
+    return dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
+
+
+def backward_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the backward kernels ("dx" or "dw").
+
+    BLOCK_DO is the slice of D one program accumulates (the gradient tile lives in registers: BLOCK_B x BLOCK_DO for
+    dx, BLOCK_C x BLOCK_DO for dW); every extra slice costs one more recompute of the cosine tile, so up to D = 512
+    one slice covers D (the accumulated block is kept at 16-64 rows to fit registers).  Same caveat as
+    forward_config: every configuration compiles spill-free on sm_90; none is timed."""
+    bk = k_block(dtype)
+    d_pad = _pow2_at_least(dim, 16, 1 << 30)
+    small = batch <= 16
+    if interpreting():
+        # Small tiles; D <= 64 is one D slice, larger D several slices: both paths get tested.
+        return dict(BLOCK_B=32, BLOCK_C=64, BLOCK_K=bk, BLOCK_DO=min(d_pad, 64), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # 32 x 32 blocks and 8 warps keep a 512-wide fp32 accumulator spill-free: one D slice up to D = 512.
+        return dict(BLOCK_B=16 if small else 32, BLOCK_C=32, BLOCK_K=bk, BLOCK_DO=min(d_pad, 512), num_warps=8,
+                    num_stages=2)
+    # (accumulated block, streamed block): rows x classes for dx, classes x rows for dW.  Beyond D = 512 the
+    # feature dimension is cut into 512-wide slices (one more cosine recompute per slice).
+    acc, stream = (32, 32) if d_pad >= 512 else (64, 64)
+    if kernel == "dx":
+        block_b, block_c = (16 if small else acc), stream
+    else:
+        block_b, block_c = (16 if small else stream), acc
+    return dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=bk, BLOCK_DO=min(d_pad, 512), num_warps=8, num_stages=2)
+
+
+def autotune_configs(kind: str):
+    """The larger search used with MVLOSS_AUTOTUNE=1 (imports triton).  BLOCK_K is not searched: it is passed at
+    launch (``k_block``) so the forward and backward keep one summation order.  Configurations that do not fit a
+    device are skipped by the autotuner (out of resources)."""
+    import triton
+
+    out = []
+    if kind == "forward":
+        for bb in (16, 64, 128):
+            for bc in (64, 128, 256):
+                for w in (4, 8):
+                    for st in (3, 4):
+                        out.append(triton.Config(dict(BLOCK_B=bb, BLOCK_C=bc), num_warps=w, num_stages=st))
+    else:
+        for bb in (16, 32, 64):
+            for bc in (32, 64, 128):
+                for bdo in (64, 128, 256, 512):
+                    if bdo == 512 and max(bb, bc) > 32:
+                        continue
+                    for w in (4, 8):
+                        out.append(triton.Config(dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_DO=bdo), num_warps=w,
+                                                 num_stages=2))
+    return out

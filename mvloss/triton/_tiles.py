@@ -1,0 +1,105 @@
+"""Shared @triton.jit helpers of the kernels: the cosine tile, the negative treatment h and h', the logit tile.
+
+Every helper works on fp32 tiles; loads of fp16/bf16 operands go straight to ``tl.dot`` (fp32 accumulation), or are
+upcast first when ``UPCAST`` is set (the interpreter's ``tl.dot`` is wrong on half operands).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
+             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """x[rows] . w[cols]^T over the whole feature dimension, fp32 accumulation (BLOCK_B x BLOCK_C)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        ks64 = ks.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols64[None, :] * swc + ks64[:, None] * swd,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def treat(c, param, TREATMENT: tl.constexpr):
+    """h(c) of mvloss.negatives.Treatment (0 NONE, 1 FIXED, 2 ADAPTIVE, 3 CURRICULAR, 4 FILTER)."""
+    if TREATMENT == 1:
+        h = c + param
+    elif TREATMENT == 2:
+        h = (param + 1.0) * c + param
+    elif TREATMENT == 3:
+        h = c * (param + c)
+    elif TREATMENT == 4:
+        h = tl.zeros_like(c)
+    else:
+        h = c
+    return h
+
+
+@triton.jit
+def treat_grad(c, param, TREATMENT: tl.constexpr):
+    """h'(c)."""
+    if TREATMENT == 2:
+        d = tl.zeros_like(c) + (param + 1.0)
+    elif TREATMENT == 3:
+        d = param + 2.0 * c
+    elif TREATMENT == 4:
+        d = tl.zeros_like(c)
+    else:
+        d = tl.zeros_like(c) + 1.0
+    return d
+
+
+@triton.jit
+def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr, CLAMP: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """From the raw dot tile: (raw cos, cos, hard mask, treated u, logits z)."""
+    raw = acc * xinv[:, None] * winv[None, :]
+    if CLAMP:
+        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    else:
+        c = raw
+    hard = c > thr[:, None]
+    u = tl.where(hard, treat(c, param, TREATMENT), c)
+    z = scale[:, None] * u
+    if HAS_BIAS:
+        z = z + bias[None, :]
+    return raw, c, hard, u, z
+
+
+@triton.jit
+def dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
+                CLAMP: tl.constexpr):
+    """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives, dc = dz s (h' if hard) (clamp)."""
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.exp(tl.where(valid, z, float("-inf")) - lse_safe[:, None])
+    dz = tl.where(valid, g_lse[:, None] * p + g_sum[:, None], 0.0)
+    dc = dz * scale[:, None]
+    if TREATMENT != 0:
+        dc = dc * tl.where(hard, treat_grad(c, param, TREATMENT), 1.0)
+    if CLAMP:
+        dc = tl.where((raw >= -1.0) & (raw <= 1.0), dc, 0.0)
+    return dz, dc
+
+
+@triton.jit
+def dc_scale(g_lse, g_sum, scale, param, TREATMENT: tl.constexpr):
+    """Per-row normaliser n_i of dc for the half-precision gradient GEMMs: (|g_lse| + |g_sum|) |s| max|h'| bounds
+    |dc_ik| (p <= 1; for the curricular h' it assumes |c| <= 1), so dc / n lies in [-1, 1] whatever the reduction or
+    the loss scale: no fp16 underflow or overflow when dc is rounded for tl.dot.  1 where the row has no gradient."""
+    if TREATMENT == 2:
+        hmax = tl.maximum(tl.abs(param + 1.0), 1.0)
+    elif TREATMENT == 3:
+        hmax = tl.maximum(tl.abs(param) + 2.0, 1.0)
+    else:
+        hmax = 1.0
+    n = (tl.abs(g_lse) + tl.abs(g_sum)) * tl.abs(scale) * hmax
+    return tl.where(n > 0, n, 1.0)

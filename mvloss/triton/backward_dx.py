@@ -1,0 +1,127 @@
+"""Backward kernel 1 of 2: dxhat (B x D) and dscale (B,), one program per (row block, D slice, class split).
+
+Each program recomputes the cosine tiles of its rows against its classes, forms dz and dc on chip (see
+``mvloss.negatives``) and accumulates dxhat[rows, d-slice] += (dc * w_inv) @ w[cols, d-slice] in fp32 registers.
+Splits of the class dimension (for small batches) write separate partial rows that the launcher sums in a fixed
+order: no atomics, so the result is deterministic (bitwise reproducible run to run on one device and config).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from ._tiles import cos_tile, dc_scale, dlogit_tile, logit_tile
+
+
+@triton.jit
+def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                  lse_ptr, g_lse_ptr, g_sum_ptr, dx_ptr, dscale_ptr,
+                  B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
+                  TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_DC: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
+    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dcols < D
+    dcols64 = dcols.to(tl.int64)
+
+    if SCALE_DC:
+        nrm = dc_scale(g_lse, g_sum, scale, param, TREATMENT)
+        rnrm = 1.0 / nrm
+    dx = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    c_start = pid_s * chunk
+    c_end = tl.minimum(c_start + chunk, C)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        cols64 = cols.to(tl.int64)
+        wt = tl.load(w_ptr + cols64[:, None] * swc + dcols64[None, :] * swd,
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            wt = wt.to(tl.float32)
+        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bias = winv
+        raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+        valid = rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+        dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
+        if NEED_DSCALE:
+            ds += tl.sum(tl.where(valid, dz * u, 0.0), axis=1)
+        dcw = dc * winv[None, :]
+        if SCALE_DC:
+            dcw = dcw * rnrm[:, None]  # |dc / n_i| <= 1 before it is rounded to fp16/bf16
+        dx = tl.dot(dcw.to(wt.dtype), wt, dx, input_precision=PRECISION)
+
+    if SCALE_DC:
+        dx = dx * nrm[:, None]
+
+    base = pid_s.to(tl.int64) * B
+    tl.store(dx_ptr + (base + rows64)[:, None] * D + dcols64[None, :], dx, mask=rmask[:, None] & dmask[None, :])
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + base + rows64, ds, mask=rmask & (pid_d == 0))
+
+
+_tuned = None
+
+
+def _kernel():
+    global _tuned
+    if not _config.autotuning():
+        return neg_dx_kernel, True
+    if _tuned is None:
+        _tuned = triton.autotune(configs=_config.autotune_configs("backward"), key=["D", "B_BUCKET"])(neg_dx_kernel)
+    return _tuned, False
+
+
+def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
+           clamp: bool, need_dscale: bool):
+    """Returns (dxhat fp32 (B, D), dscale fp32 (B,) or an empty tensor)."""
+    from torch.library import wrap_triton
+
+    B, D = x.shape
+    C = w.shape[0]
+    cfg = _config.backward_config("dx", B, D, x.dtype)
+    splits, chunk = _config.class_split(B, cfg["BLOCK_B"], C, x.device)
+    # One split writes the outputs directly; several write partial rows summed below (fixed order).
+    lead = () if splits == 1 else (splits,)
+    dx = torch.empty(lead + (B, D), dtype=torch.float32, device=x.device)
+    dscale = torch.empty(lead + (B,) if need_dscale else (0,), dtype=torch.float32, device=x.device)
+    kernel, fixed = _kernel()
+    meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
+                NEED_DSCALE=bool(need_dscale), UPCAST=_config.interpreting(),
+                PRECISION=_config.input_precision(x.dtype), SCALE_DC=_config.scale_dc(x.dtype))
+    if fixed:
+        meta.update(cfg)
+    else:
+        meta["BLOCK_K"] = cfg["BLOCK_K"]
+
+    def grid(m):
+        return (triton.cdiv(B, m["BLOCK_B"]), triton.cdiv(D, m["BLOCK_DO"]), splits)
+
+    wrap_triton(kernel)[grid](
+        x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
+        lse, g_lse, g_sum, dx, dscale if need_dscale else dx,
+        B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
+        _config.batch_bucket(B), **meta)
+    if splits > 1:
+        dx = dx.sum(0)
+        if need_dscale:
+            dscale = dscale.sum(0)
+    return dx, dscale

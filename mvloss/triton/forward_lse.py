@@ -1,0 +1,117 @@
+"""Forward kernel: per-row log-sum-exp (and sum) of the negatives' logits, one streaming pass over W.
+
+Grid (row blocks, class splits).  Program (i, s) owns BLOCK_B rows and the classes [s * chunk, (s + 1) * chunk);
+it walks them BLOCK_C at a time: the cosine tile (tl.dot, fp32 accumulation, times both inverse norms), clamp,
+mask and treatment h, scale and bias, then folds the tile into a running (max, sum-exp) and the running sum of z,
+skipping each row's target column.  It writes one partial (max, sumexp, zsum) per row and split; ``merge`` combines
+the splits (O(B x splits) workspace).  Nothing of size B x C exists.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from ._tiles import cos_tile, logit_tile
+
+
+@triton.jit
+def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                   part_m_ptr, part_s_ptr, part_z_ptr,
+                   B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
+                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+
+    run_m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    run_s = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    run_z = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    c_start = pid_s * chunk
+    c_end = tl.minimum(c_start + chunk, C)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        cols64 = cols.to(tl.int64)
+        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bias = winv
+        raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+        valid = rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+        run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
+        zm = tl.where(valid, z, float("-inf"))
+        new_m = tl.maximum(run_m, tl.max(zm, axis=1))
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        run_s = run_s * tl.exp(run_m - safe) + tl.sum(tl.exp(zm - safe[:, None]), axis=1)
+        run_m = new_m
+
+    out = pid_s.to(tl.int64) * B + rows64
+    tl.store(part_m_ptr + out, run_m, mask=rmask)
+    tl.store(part_s_ptr + out, run_s, mask=rmask)
+    tl.store(part_z_ptr + out, run_z, mask=rmask)
+
+
+_tuned = None
+
+
+def _kernel():
+    global _tuned
+    if not _config.autotuning():
+        return neg_lse_kernel, True
+    if _tuned is None:
+        _tuned = triton.autotune(configs=_config.autotune_configs("forward"), key=["D", "B_BUCKET"])(neg_lse_kernel)
+    return _tuned, False
+
+
+def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
+    """Combine the per-split partials (splits, B) into (lse, zsum) (B,)."""
+    if part_m.shape[0] == 1:
+        m, s = part_m[0], part_s[0]
+        lse = torch.where(s > 0, m + torch.log(s), torch.full_like(m, float("-inf")))
+        return lse, part_z[0].clone()
+    m = part_m.amax(0)
+    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = (part_s * torch.exp(part_m - safe[None, :])).sum(0)
+    lse = torch.where(s > 0, safe + torch.log(s), torch.full_like(m, float("-inf")))
+    return lse, part_z.sum(0)
+
+
+def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool):
+    """Run the forward kernel; returns (lse, zsum) fp32 (B,).  Callers pass contiguous fp32 per-row vectors."""
+    from torch.library import wrap_triton
+
+    B, D = x.shape
+    C = w.shape[0]
+    cfg = _config.forward_config(B, D, x.dtype)
+    splits, chunk = _config.class_split(B, cfg["BLOCK_B"], C, x.device)
+    part_m = torch.empty((splits, B), dtype=torch.float32, device=x.device)
+    part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
+    part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
+    kernel, fixed = _kernel()
+    meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
+                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
+    if fixed:
+        meta.update(cfg)
+    else:
+        meta["BLOCK_K"] = cfg["BLOCK_K"]
+
+    def grid(m):
+        return (triton.cdiv(B, m["BLOCK_B"]), splits)
+
+    wrap_triton(kernel)[grid](
+        x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
+        part_m, part_s, part_z,
+        B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
+        _config.batch_bucket(B), **meta)
+    return merge(part_m, part_s, part_z)

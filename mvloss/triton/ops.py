@@ -1,0 +1,66 @@
+"""The Triton backend's custom ops (the contract functions that call them are in ``mvloss.triton``).
+
+``mvloss::triton_neg_forward`` and ``mvloss::triton_neg_backward`` are ``torch.library.triton_op`` ops: their
+implementation (plain PyTorch plus ``wrap_triton`` kernel launches) doubles as the fake implementation, so
+``torch.compile`` traces through them and Inductor sees the kernels.  Autograd is not registered here: the
+``torch.autograd.Function`` in ``mvloss.autograd`` calls the backend's ``forward``/``backward`` for every backend.
+
+Importing this module imports Triton; ``mvloss.triton`` imports it lazily (when the backend is first chosen).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from . import backward_dw, backward_dx
+from . import forward_lse as _forward
+
+
+def _operands(x: torch.Tensor, w: torch.Tensor):
+    """x and W share one dtype for tl.dot: mixed inputs are promoted (fp16 x bf16 or half x fp32 -> fp32)."""
+    if x.dtype != w.dtype:
+        x, w = x.float(), w.float()
+    return x, w
+
+
+def _vec(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+@triton_op("mvloss::triton_neg_forward", mutates_args=())
+def triton_neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+                       labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       treatment: int, param: float, clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, zsum) of the negatives contract (see mvloss.negatives), fp32 (B,)."""
+    x, w = _operands(x, w)
+    B = x.shape[0]
+    if B == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=x.device)
+        return empty, empty.clone()
+    return _forward.launch(x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr),
+                           _vec(scale), None if bias is None else bias.contiguous(), treatment, param, clamp)
+
+
+@triton_op("mvloss::triton_neg_backward", mutates_args=())
+def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+                        labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                        lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, treatment: int, param: float,
+                        clamp: bool, need_dscale: bool, need_dbias: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32."""
+    x, w = _operands(x, w)
+    B, D = x.shape
+    C = w.shape[0]
+    args = (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
+            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+    if B == 0:
+        dxhat = torch.zeros((0, D), dtype=torch.float32, device=x.device)
+        dwhat = torch.zeros((C, D), dtype=torch.float32, device=x.device)
+        dscale = torch.zeros((0,), dtype=torch.float32, device=x.device)
+        dbias = torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device)
+        return dxhat, dwhat, dscale, dbias
+    dxhat, dscale = backward_dx.launch(*args, treatment, param, clamp, need_dscale)
+    dwhat, dbias = backward_dw.launch(*args, treatment, param, clamp, need_dbias and bias is not None)
+    return dxhat, dwhat, dscale, dbias

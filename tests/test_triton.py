@@ -1,0 +1,567 @@
+"""The Triton backend equals the reference (loss, dx, dW, dscale, dbias) per dtype, on odd shapes, for every family.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) on small shapes; the
+tests marked ``gpu`` (bf16, the 1M-class shape, opcheck, torch.compile, memory, determinism) run on a CUDA device.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import mvloss
+from mvloss import dispatch
+from mvloss import functional as F
+from mvloss.negatives import Treatment, inverse_norms
+from families import FAMILIES, needs_unit_features
+from helpers import REL_FLOOR, assert_matches_reference, make_inputs, run
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B, C, D = 37, 203, 77          # odd: no dimension is a multiple of a tile
+C_BIG = 1003                   # several class tiles and class splits
+
+
+def inputs(kw, dtype=torch.float32, b=B, c=C, d=D, ignore=(3, 11), **extra):
+    x, w, y = make_inputs(b, c, d, torch.float32, ignore=tuple(i for i in ignore if i < b), device=DEVICE, **extra)
+    if needs_unit_features(kw):
+        x = 0.9 * x / x.norm(dim=1, keepdim=True)
+    return x.to(dtype), w.to(dtype), y
+
+
+# ----------------------------------------------------------------------------------------------- loss vs reference
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_triton_fp32_every_family(family):
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@pytest.mark.parametrize("family", ["arcface", "mv_am_fixed", "mv_arc_adaptive", "curricular", "insightface_filter",
+                                    "facexzoo_mv_am", "label_smoothing", "unnormalized_x"])
+def test_triton_fp16(family):
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw, torch.float16)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_many_classes_and_splits(dtype):
+    """C = 1003: many class tiles, and (B = 37 under the interpreter) several class splits merged per row."""
+    kw = FAMILIES["mv_arc_adaptive"]
+    x, w, y = inputs(kw, dtype, c=C_BIG)
+    assert_matches_reference(x, w, y, "triton", label_smoothing=0.1, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("family", ["mv_arc_adaptive", "facexzoo_curricular", "insightface_filter", "label_smoothing"])
+def test_triton_one_d_slice(family, dtype):
+    """D <= 64: each backward program accumulates the whole feature dimension (one D slice, under the interpreter);
+    D = 77 elsewhere takes two slices."""
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw, dtype, d=48)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("family", ["mv_am_fixed", "hard_mining"])
+def test_triton_reductions(family, reduction):
+    x, w, y = inputs(FAMILIES[family])
+    assert_matches_reference(x, w, y, "triton", reduction=reduction, **FAMILIES[family])
+
+
+@pytest.mark.parametrize("normalize_x", [True, False])
+def test_triton_normalize_x_both_ways(normalize_x):
+    kw = dict(m2=0.5, mv="fixed", t=0.2, normalize_x=normalize_x, scale=32.0 if normalize_x else 4.0)
+    x, w, y = inputs({})
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
+def test_triton_facexzoo_preset_clamps():
+    """normalize_x False with features of norm > 1: many cosines clamp to [-1, 1] and get no gradient."""
+    x, w, y = inputs({})
+    x = 0.5 * x
+    assert_matches_reference(x, w, y, "triton", m3=0.35, mv="adaptive", t=0.12, scale=32.0, preset="facexzoo")
+
+
+@pytest.mark.parametrize("shape", [(1, C_BIG, D), (1, 5, 3), (B, 20, D), (5, 203, 200), (17, 1, 8)],
+                         ids=["B1", "tiny", "C_below_tile", "D_above_tile", "one_class"])
+def test_triton_edge_shapes(shape):
+    b, c, d = shape
+    x, w, y = inputs({}, b=b, c=c, d=d, ignore=(2,))
+    assert_matches_reference(x, w, y, "triton", m2=0.5, mv="adaptive", t=0.2, label_smoothing=0.1)
+
+
+def test_triton_every_row_ignored():
+    x, w, y = inputs({}, b=6, c=40, d=9)
+    y = torch.full_like(y, -100)
+    got = run(x, w, y, "triton", m2=0.5)
+    assert got[0].item() == 0.0 and not got[1].any() and not got[2].any()
+
+
+def test_triton_non_contiguous_inputs():
+    """W stored D x C (FaceX-Zoo's layout) and passed as a transposed view; x a column slice."""
+    x, w, y = inputs({})
+    w_t = w.T.contiguous().T
+    x_wide = torch.cat([x, torch.ones_like(x[:, :5])], dim=1)[:, :D]
+    assert not w_t.is_contiguous() and not x_wide.is_contiguous()
+    assert_matches_reference(x_wide, w_t, y, "triton", m3=0.35, mv="fixed", t=0.2)
+
+
+def test_triton_forced_splits(monkeypatch):
+    monkeypatch.setenv("MVLOSS_TRITON_SPLITS", "3")
+    x, w, y = inputs({}, c=C_BIG)
+    assert_matches_reference(x, w, y, "triton", m2=0.5, mv="curricular", t=0.3, label_smoothing=0.1)
+
+
+def test_triton_learnable_scale_and_bias():
+    x, w, y = make_inputs(B, C, D, ignore=(5,), device=DEVICE)
+    results = {}
+    for backend in ("reference", "triton"):
+        scale = torch.tensor(12.0, device=DEVICE, requires_grad=True)
+        bias = torch.linspace(-0.3, 0.3, C, device=DEVICE).requires_grad_(True)
+        xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = F.l2_softmax_loss(xd, wd, y, alpha=scale, bias=bias, backend=backend, label_smoothing=0.05, m3=0.1)
+        loss.backward()
+        results[backend] = [loss, xd.grad, wd.grad, scale.grad, bias.grad]
+    for name, r, t in zip(("loss", "dx", "dW", "dscale", "dbias"), results["reference"], results["triton"]):
+        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5 * r.abs().max().item(), msg=name)
+
+
+def test_triton_softmax_with_bias_no_normalisation():
+    x, w, y = inputs({})
+    x, w = 0.3 * x, 0.3 * w
+    results = {}
+    for backend in ("reference", "triton"):
+        bias = torch.linspace(-1.0, 1.0, C, device=DEVICE).requires_grad_(True)
+        xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = F.softmax_loss(xd, wd, y, bias=bias, backend=backend, reduction="sum")
+        loss.backward()
+        results[backend] = [loss, xd.grad, wd.grad, bias.grad]
+    for name, r, t in zip(("loss", "dx", "dW", "dbias"), results["reference"], results["triton"]):
+        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5 * r.abs().max().item(), msg=name)
+
+
+# ------------------------------------------------------------------------------------- the contract, op by op
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("treatment", list(Treatment))
+@pytest.mark.parametrize("clamp", [False, True])
+def test_triton_contract_matches_chunked(treatment, clamp, dtype):
+    """forward/backward of the backend against the chunked backend (same half inputs, upcast), every treatment,
+    dscale and dbias; per-row scales and upstream gradients differ, so the per-row dc normaliser is exercised."""
+    from mvloss.backends import chunked
+    from mvloss.triton import backward, forward
+
+    g = torch.Generator().manual_seed(int(treatment) * 2 + clamp)
+    b, c, d = 19, 150, 40
+    x = torch.randn(b, d, generator=g).to(DEVICE).to(dtype)
+    w = torch.randn(c, d, generator=g).to(DEVICE).to(dtype)
+    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
+    if clamp:
+        x_inv = x_inv * 1.5  # cosines beyond [-1, 1], so the clamp bites
+    labels = torch.randint(0, c, (b,), generator=g).to(DEVICE)
+    labels[4] = -1
+    thr = (torch.rand(b, generator=g) * 0.6 - 0.3).to(DEVICE)
+    if treatment == Treatment.NONE:
+        thr = torch.full_like(thr, float("inf"))
+    scale = (torch.rand(b, generator=g) * 20 + 5).to(DEVICE)
+    bias = (torch.randn(c, generator=g) * 0.1).to(DEVICE)
+    param = 0.3
+    want = chunked.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), param, clamp)
+    got = forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), param, clamp, chunk_size=7)
+    for name, a, e in zip(("lse", "zsum"), got, want):
+        assert a.dtype == torch.float32 and a.shape == (b,)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4, msg=name)
+    lse = want[0]
+    g_lse = torch.rand(b, generator=g).to(DEVICE)
+    g_sum = (torch.rand(b, generator=g) * 0.01).to(DEVICE)
+    want = chunked.backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), param,
+                            clamp, True, True)
+    got = backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), param, clamp,
+                   True, True)
+    for name, a, e in zip(("dxhat", "dwhat", "dscale", "dbias"), got, want):
+        torch.testing.assert_close(a.float(), e, rtol=1e-4, atol=1e-5 * (1 + e.abs().max().item()), msg=name)
+    got = backward(x, w, x_inv, w_inv, labels, thr, scale, None, lse, g_lse, g_sum, int(treatment), param, clamp,
+                   False, True)
+    assert got[2] is None and got[3] is None
+
+
+def test_triton_backward_is_bitwise_deterministic(monkeypatch):
+    """No atomics: the same call twice gives the same bits (class splits summed in a fixed order)."""
+    from mvloss.triton import backward, forward
+
+    monkeypatch.setenv("MVLOSS_TRITON_SPLITS", "3")
+    x, w, y = make_inputs(9, 700, 33, device=DEVICE)
+    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
+    thr = torch.full((9,), 0.1, device=DEVICE)
+    scale = torch.full((9,), 30.0, device=DEVICE)
+    outs = []
+    for _ in range(2):
+        lse, zsum = forward(x, w, x_inv, w_inv, y, thr, scale, None, int(Treatment.FIXED), 0.2, False)
+        grads = backward(x, w, x_inv, w_inv, y, thr, scale, None, lse, torch.ones_like(lse), torch.zeros_like(lse),
+                         int(Treatment.FIXED), 0.2, False, True, False)
+        outs.append((lse, zsum) + grads[:3])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_triton_inverse_norms_kernel():
+    from mvloss.triton import inverse_norms_pair
+
+    x = torch.randn(37, 77, device=DEVICE)
+    w = torch.randn(203, 77, device=DEVICE).T.contiguous().T
+    x[3] = 0.0  # below eps
+    a, b = inverse_norms_pair(x, w, 1e-6)
+    torch.testing.assert_close(a, inverse_norms(x, 1e-6))
+    torch.testing.assert_close(b, inverse_norms(w, 1e-6))
+
+
+_FAKE_SCRIPT = r"""
+import torch
+import mvloss.triton.ops  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+b, c, d = 5, 70, 20
+x, w = torch.randn(b, d, dtype=torch.float16), torch.randn(c, d, dtype=torch.float16)
+vec = lambda n: torch.rand(n)
+fwd = (x, w, vec(b), vec(c), torch.randint(0, c, (b,)), vec(b), vec(b), vec(c), 2, 0.2, True)
+bwd = fwd[:8] + (vec(b), vec(b), vec(b), 2, 0.2, True, True, True)
+with FakeTensorMode() as mode:
+    out = torch.ops.mvloss.triton_neg_forward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                for a in fwd])
+    assert [tuple(o.shape) for o in out] == [(b,), (b,)] and all(o.dtype == torch.float32 for o in out)
+    out = torch.ops.mvloss.triton_neg_backward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                 for a in bwd])
+    assert [tuple(o.shape) for o in out] == [(b, d), (c, d), (b,), (c,)]
+for op, args in ((torch.ops.mvloss.triton_neg_forward, fwd), (torch.ops.mvloss.triton_neg_backward, bwd)):
+    graph = make_fx(lambda *a: op(*a), tracing_mode="symbolic")(*args)
+    assert "mvloss.triton_neg" in graph.code
+print("ok")
+"""
+
+
+def test_triton_ops_fake_and_symbolic_tracing():
+    """The ops' fake implementations (the triton_op bodies) trace with fake and symbolic shapes.  Runs in a fresh
+    interpreter without TRITON_INTERPRET: under the interpreter Triton kernels are not traceable (known)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
+    proc = subprocess.run([sys.executable, "-c", _FAKE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_COMPILE_SCRIPT = r"""
+import torch
+from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
+cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
+         (torch.float32, 64, 40)]
+for dtype, b, d in cases:
+    for kernel in ("fwd", "dx", "dw"):
+        if kernel == "fwd" and (dtype, b, d) != cases[0] and dtype != torch.float32:
+            continue
+        r = compile_kernel(kernel, dtype, b, d, arch=90)
+        assert r["shared"] <= SHARED_LIMIT, r
+        assert r["spill_bytes"] <= 64, r
+print("ok")
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The GPU path (not the interpreter's) compiles for sm_90 with the chosen configurations: shared memory fits,
+    (almost) no register spills.  Uses Triton's bundled ptxas; no GPU needed."""
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_triton_gpu_timings_script_smoke(tmp_path):
+    """bench/triton_gpu_timings.py runs end to end (--smoke: CPU, interpreter, tiny shape) and writes its records."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                          "triton_gpu_timings.py")
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())[0]
+    assert {"device", "triton", "triton_ops", "chunked", "gemms"} <= set(rec)
+
+
+# --------------------------------------------------------------------------------------------- dispatch rules
+
+def _spec(dtype=torch.float32, device=DEVICE):
+    return dispatch.CallSpec(device=torch.device(device), dtype=dtype, batch=4, num_classes=10, dim=8,
+                             has_bias=False, scale_requires_grad=False, bias_requires_grad=False)
+
+
+def test_triton_declines_fp64():
+    backend = dispatch.get("triton")
+    assert "float64" in backend.cannot_run(_spec(torch.float64))
+    x, w, y = make_inputs(4, 10, 8, torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="float64"):
+        F.arcface_loss(x, w, y, backend="triton")
+
+
+def test_triton_cpu_rules(monkeypatch):
+    """CPU tensors: only under TRITON_INTERPRET=1, and "auto" never picks the interpreter."""
+    backend = dispatch.get("triton")
+    assert dispatch.select("auto", _spec(device="cpu")).name != "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.cannot_run(_spec(device="cpu")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in backend.cannot_run(_spec(device="cpu"))
+    if not torch.cuda.is_available():
+        assert "TRITON_INTERPRET=1" in backend.unavailable()
+    assert any(b["name"] == "triton" for b in mvloss.backends())
+
+
+_NO_TRITON_SCRIPT = r"""
+import sys
+import torch
+sys.modules["triton"] = None  # "import triton" now fails, as without the package
+import mvloss
+from mvloss import functional as F
+info = {b["name"]: b for b in mvloss.backends()}
+assert not info["triton"]["available"] and "triton" in info["triton"]["reason"], info["triton"]
+x, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4])
+F.arcface_loss(x, w, y)  # auto still works
+try:
+    F.arcface_loss(x, w, y, backend="triton")
+except RuntimeError as e:
+    assert "triton" in str(e)
+else:
+    raise AssertionError("backend='triton' ran without triton")
+print("ok")
+"""
+
+
+def test_triton_missing_never_breaks_import():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_triton_accepts_supported_dtypes():
+    backend = dispatch.get("triton")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert backend.cannot_run(_spec(dtype)) is None
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("family", ["arcface", "mv_am_fixed", "mv_arc_adaptive", "curricular", "insightface_filter",
+                                    "facexzoo_mv_am", "label_smoothing", "unnormalized_x"])
+def test_triton_bf16(family):
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw, torch.bfloat16, c=C_BIG)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@gpu
+@pytest.mark.parametrize("family", ["arcface", "mv_arc_adaptive", "label_smoothing"])
+def test_triton_gpu_fp16_fp32_big(family):
+    kw = FAMILIES[family]
+    for dtype in (torch.float32, torch.float16):
+        x, w, y = inputs(kw, dtype, b=256, c=20011, d=128)
+        assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_autotune_path(monkeypatch):
+    """MVLOSS_AUTOTUNE=1: triton.autotune over the larger configuration set gives the same numbers."""
+    monkeypatch.setenv("MVLOSS_AUTOTUNE", "1")
+    kw = FAMILIES["mv_arc_adaptive"]
+    x, w, y = inputs(kw, torch.bfloat16, b=64, c=5003, d=128)
+    assert_matches_reference(x, w, y, "triton", label_smoothing=0.1, **kw)
+
+
+def _big_problem(dtype=torch.bfloat16, b=1024, c=1_000_000, d=512):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, d, device="cuda", generator=g).to(dtype)
+    w = torch.randn(c, d, device="cuda", generator=g).to(dtype)
+    y = torch.randint(0, c, (b,), device="cuda", generator=g)
+    y[:7] = -100
+    return x, w, y
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_one_million_classes_bf16_vs_chunked_fp32():
+    x, w, y = _big_problem()
+    kw = dict(m2=0.5, mv="adaptive", t=0.2, scale=32.0, label_smoothing=0.1)
+    got = run(x, w, y, "triton", F.margin_softmax_loss, **kw)
+    want = run(x.float(), w.float(), y, "chunked", F.margin_softmax_loss, **kw)
+    del x, w
+    for name, a, e in zip(("loss", "dx", "dW"), got, want):
+        err = (a - e).abs().max().item()
+        assert err <= REL_FLOOR[torch.bfloat16] * e.abs().max().item(), f"{name}: error {err:.3e}"
+
+
+def _op_args(x, w, y, bias=None, treatment=Treatment.ADAPTIVE, param=0.2, clamp=True):
+    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
+    labels = torch.where(y == -100, torch.full_like(y, -1), y)
+    b = x.shape[0]
+    thr = torch.linspace(-0.2, 0.4, b, device=x.device)
+    scale = torch.full((b,), 32.0, device=x.device)
+    return (x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param), bool(clamp))
+
+
+def _bwd_args(fwd_args, lse):
+    x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp = fwd_args
+    g_lse = torch.linspace(0.5, 1.0, x.shape[0], device=x.device)
+    g_sum = torch.full_like(g_lse, 1e-3)
+    return (x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
+            False, bias is not None)
+
+
+@gpu
+def test_triton_opcheck():
+    import mvloss.triton.ops  # noqa: F401  (registers the ops)
+
+    x, w, y = make_inputs(37, 1003, 77, torch.bfloat16, ignore=(3,), device="cuda")
+    for bias in (None, torch.randn(1003, device="cuda")):
+        fwd = _op_args(x, w, y, bias)
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_forward.default, fwd)
+        lse, _ = torch.ops.mvloss.triton_neg_forward(*fwd)
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward.default, _bwd_args(fwd, lse))
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_compile_fullgraph_training_step():
+    x, w, y = make_inputs(64, 5000, 128, torch.bfloat16, ignore=(2,), device="cuda")
+
+    def loss_fn(x, w, y):
+        return F.arcface_loss(x, w, y, backend="triton", mv="adaptive", t=0.2, label_smoothing=0.1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    grads = []
+    for fn in (compiled, loss_fn):
+        xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fn(xb, wb, y)
+        loss.backward()
+        grads.append((loss.detach().float(), xb.grad.float(), wb.grad.float()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3 * b.abs().max().item())
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_peak_memory_independent_of_b_times_c():
+    """At B=1024, C=1M, D=512 (B x C fp32 would be 4 GB) each op allocates < 256 MB besides its outputs."""
+    import mvloss.triton.ops  # noqa: F401
+
+    x, w, y = _big_problem()
+    fwd = _op_args(x, w, y)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lse, zsum = torch.ops.mvloss.triton_neg_forward(*fwd)
+    torch.cuda.synchronize()
+    extra_fwd = torch.cuda.max_memory_allocated() - base
+    assert extra_fwd < 256 * 2**20, f"forward peak extra {extra_fwd / 2**20:.1f} MB"
+
+    bwd = _bwd_args(fwd, lse)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dxhat, dwhat, _, _ = torch.ops.mvloss.triton_neg_backward(*bwd)
+    torch.cuda.synchronize()
+    outputs = dxhat.numel() * dxhat.element_size() + dwhat.numel() * dwhat.element_size()
+    extra_bwd = torch.cuda.max_memory_allocated() - base - outputs
+    assert extra_bwd < 256 * 2**20, f"backward peak extra (beyond dxhat, dwhat) {extra_bwd / 2**20:.1f} MB"
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_int64_offsets():
+    """C x D > 2^31 elements: every offset is 64-bit.  Compared with the chunked backend on the same inputs."""
+    from mvloss.backends import chunked
+    from mvloss.triton import backward, forward
+
+    b, c, d = 4, (1 << 22) + 5, 520
+    assert c * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.empty(c, d, device="cuda", dtype=torch.bfloat16).normal_(generator=g)
+    labels = torch.tensor([c - 1, 0, c // 2, -1], device="cuda")
+    x[0] = w[c - 1]  # the last rows matter: row 0's target is the last class
+    args = (x, w, inverse_norms(x, 1e-12), inverse_norms(w, 1e-12), labels, torch.full((b,), 0.2, device="cuda"),
+            torch.full((b,), 30.0, device="cuda"), None, int(Treatment.ADAPTIVE), 0.2, False)
+    got = forward(*args)
+    want = chunked.forward(*args)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
+    g_lse = torch.ones(b, device="cuda")
+    g_sum = torch.zeros(b, device="cuda")
+    dx, dw, _, _ = backward(*args[:8], want[0], g_lse, g_sum, *args[8:], False, False)
+    dx_ref, dw_ref, _, _ = chunked.backward(*args[:8], want[0], g_lse, g_sum, *args[8:], False, False)
+    torch.testing.assert_close(dx, dx_ref, rtol=2e-2, atol=2e-2 * dx_ref.abs().max().item())
+    for rows in (slice(0, 64), slice(c - 64, c)):
+        torch.testing.assert_close(dw[rows], dw_ref[rows], rtol=2e-2, atol=2e-2 * dw_ref.abs().max().item())
+
+
+@gpu
+def test_triton_deterministic():
+    import mvloss.triton.ops  # noqa: F401
+
+    x, w, y = make_inputs(64, 30011, 256, torch.bfloat16, ignore=(3,), device="cuda")
+    fwd = _op_args(x, w, y, torch.randn(30011, device="cuda"))
+    outs = []
+    for _ in range(3):
+        lse, zsum = torch.ops.mvloss.triton_neg_forward(*fwd)
+        outs.append((lse, zsum) + tuple(torch.ops.mvloss.triton_neg_backward(*_bwd_args(fwd, lse))))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.slow
+def test_triton_no_memory_growth_over_1000_steps():
+    x, w, y = make_inputs(256, 10000, 128, torch.bfloat16, ignore=(3,), device="cuda")
+    w = w.requires_grad_(True)
+    xb = x.requires_grad_(True)
+    opt = torch.optim.SGD([w, xb], lr=1e-3)
+    after = {}
+    for step in range(1000):
+        opt.zero_grad(set_to_none=True)
+        F.arcface_loss(xb, w, y, backend="triton", mv="adaptive", t=0.2).backward()
+        opt.step()
+        if step in (10, 999):
+            torch.cuda.synchronize()
+            after[step] = torch.cuda.memory_allocated()
+    assert after[999] <= after[10]
+
+
+def test_triton_env_vars_documented():
+    readme = os.path.join(os.path.dirname(mvloss.__file__), "triton", "README.md")
+    text = open(readme).read()
+    for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS",
+                "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS"):
+        assert var in text
