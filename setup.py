@@ -35,6 +35,20 @@ def _find_cuda_home():
     return None
 
 
+def _nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _default_max_jobs() -> str:
     """Parallel compile jobs: CPUs, limited to one job per ~3 GB of RAM (nvcc is memory hungry)."""
     cpus = os.cpu_count() or 1
@@ -67,8 +81,11 @@ def extension_kwargs() -> dict:
         return {}
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 
-    sources = sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
+    def rel(pattern):  # paths relative to setup.py (glob's root_dir needs Python >= 3.10)
+        return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    cuda_sources = rel("csrc/cuda/*.cu")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++20 for torch >= 2.10)
     if sys.platform != "win32":
@@ -77,6 +94,14 @@ def extension_kwargs() -> dict:
 
     force_cuda = os.environ.get("MVLOSS_FORCE_CUDA") == "1"
     build_cuda = want_cuda and (cuda_home is not None or force_cuda) and torch.version.cuda is not None
+    if build_cuda and not force_cuda and cuda_home is not None:
+        toolkit = _nvcc_version(cuda_home)
+        torch_major = int(torch.version.cuda.split(".")[0])
+        if toolkit is None or toolkit[0] != torch_major:
+            # torch refuses to build with a toolkit of another major version; keep the CPU backend at least
+            _log(f"CUDA toolkit {toolkit} at {cuda_home} does not match torch's CUDA {torch.version.cuda}: "
+                 "building the CPU extension only (MVLOSS_FORCE_CUDA=1 to try anyway)")
+            build_cuda = False
     if force_cuda and not build_cuda:
         raise RuntimeError("MVLOSS_FORCE_CUDA=1 but no CUDA toolkit (CUDA_HOME / nvcc) or torch without CUDA")
     if want_cuda and not build_cuda:

@@ -1,0 +1,108 @@
+"""The C++ backends: "cpu" (ATen GEMMs + a fused C++ epilogue) and "cuda" (cuBLAS GEMMs + fused CUDA kernels).
+
+Both run the negatives contract of ``mvloss.negatives`` through two custom ops of the compiled extension
+``mvloss._C``: ``torch.ops.mvloss.neg_forward`` and ``torch.ops.mvloss.neg_backward`` (schemas in csrc/ops.cpp,
+kernels in csrc/cpu and csrc/cuda).  Their fake (meta) implementations are registered here, so torch.compile and
+``torch.library.opcheck`` can trace them.  When the extension is missing (pure-Python install, no compiler at build
+time) both backends register anyway and say why they are unavailable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+
+_C = None
+_IMPORT_ERROR: Optional[str] = None
+try:
+    from .. import _C  # noqa: F811  (registers torch.ops.mvloss.*)
+except Exception as exc:  # pragma: no cover - depends on how the package was built
+    _IMPORT_ERROR = (f"the compiled extension mvloss._C is not available ({type(exc).__name__}: {exc}); "
+                     "reinstall with `pip install --no-build-isolation -e .` with torch and a C++ compiler present")
+
+
+def built_with_cuda() -> bool:
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+    @torch.library.register_fake("mvloss::neg_forward")
+    def _neg_forward_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk=0):
+        acc = _acc(x)
+        b = x.shape[0]
+        return x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=acc)
+
+    @torch.library.register_fake("mvloss::neg_backward")
+    def _neg_backward_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param,
+                           clamp, need_dscale, need_dbias, chunk=0):
+        acc = _acc(x)
+        b, d, c = x.shape[0], x.shape[1], w.shape[0]
+        return (x.new_empty((b, d), dtype=acc), x.new_empty((c, d), dtype=acc),
+                x.new_empty((b if need_dscale else 0,), dtype=acc), x.new_empty((c if need_dbias else 0,), dtype=acc))
+
+
+def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None, **kw):
+    """(lse, zsum) of the negatives contract, via torch.ops.mvloss.neg_forward."""
+    acc = _acc(x)
+    bias = None if bias is None else bias.to(acc)
+    return torch.ops.mvloss.neg_forward(x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc),
+                                        scale.to(acc), bias, int(treatment), float(param), bool(clamp),
+                                        int(chunk_size or 0))
+
+
+def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
+             need_dscale=False, need_dbias=False, chunk_size=None, **kw):
+    """(dxhat, dwhat, dscale | None, dbias | None), via torch.ops.mvloss.neg_backward."""
+    acc = _acc(x)
+    bias = None if bias is None else bias.to(acc)
+    dxhat, dwhat, dscale, dbias = torch.ops.mvloss.neg_backward(
+        x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc), bias, lse.to(acc),
+        g_lse.to(acc), g_sum.to(acc), int(treatment), float(param), bool(clamp), bool(need_dscale),
+        bool(need_dbias), int(chunk_size or 0))
+    return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _cpu_unavailable() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def _cpu_cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
+    if spec.device.type != "cpu":
+        return f"the cpu backend runs CPU tensors, got device {spec.device}"
+    if spec.dtype not in _DTYPES:
+        return f"the cpu backend supports fp32/fp16/bf16/fp64, got {spec.dtype}"
+    return None
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not built_with_cuda():
+        return ("mvloss._C was built without CUDA (no CUDA toolkit at build time, or MVLOSS_SKIP_CUDA_BUILD=1); "
+                "rebuild with CUDA_HOME set")
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _cuda_cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
+    if spec.device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors, got device {spec.device}"
+    if spec.dtype not in _DTYPES:
+        return f"the cuda backend supports fp32/fp16/bf16/fp64, got {spec.dtype}"
+    return None
+
+
+dispatch.register(dispatch.Backend(name="cuda", priority=20, forward=forward, backward=backward,
+                                   unavailable=_cuda_unavailable, cannot_run=_cuda_cannot_run))
+dispatch.register(dispatch.Backend(name="cpu", priority=30, forward=forward, backward=backward,
+                                   unavailable=_cpu_unavailable, cannot_run=_cpu_cannot_run))
