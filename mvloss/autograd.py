@@ -35,8 +35,26 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
     return out
 
 
+def _target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
+    """x-hat and w-hat at each row's target class (zero rows where the label is -1), in dtype ``dt``."""
+    has = labels >= 0
+    safe = torch.where(has, labels, torch.zeros_like(labels))
+    xhat, what_y = x.to(dt), w[safe].to(dt)
+    # divide by the norm, as F.normalize and the reference do: near |cos_y| = 1 the margin's sqrt(1 - cos^2)
+    # turns one ulp of cos_y into a visible difference
+    if normalize_x:
+        xhat = xhat / torch.linalg.vector_norm(xhat, dim=1, keepdim=True).clamp_min(eps)
+    if normalize_w:
+        what_y = what_y / torch.linalg.vector_norm(what_y, dim=1, keepdim=True).clamp_min(eps)
+    return xhat, what_y * has[:, None], has, safe
+
+
 class NegativesFunction(torch.autograd.Function):
-    """(lse_neg, zsum_neg) of the negatives contract, differentiable in x, w, scale and bias."""
+    """(lse_neg, zsum_neg, cos_y) of the negatives contract, differentiable in x, w, scale and bias.
+
+    cos_y = x-hat_i . w-hat_{y_i} (0 where the label is -1) rides along so the target column's gradient is added into
+    the backend's dW in place (an index_add of B rows) instead of a second dense C x D gradient for W.
+    """
 
     @staticmethod
     def forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
@@ -48,12 +66,14 @@ class NegativesFunction(torch.autograd.Function):
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
                                     bool(clamp), **kwargs)
+        xhat, what_y, _, _ = _target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
+        cos_y = (xhat * what_y).sum(1)
         ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
-        return lse, zsum
+        return lse, zsum, cos_y
 
     @staticmethod
-    def backward(ctx, g_lse, g_sum):
+    def backward(ctx, g_lse, g_sum, g_cos):
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
@@ -63,6 +83,13 @@ class NegativesFunction(torch.autograd.Function):
         dxhat, dwhat, dscale, dbias = backend.backward(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
             treatment, param, clamp, need_dscale, need_dbias, **kwargs)
+        if g_cos is not None:  # the target column: O(B*D), in place
+            dt = x_inv.dtype
+            dxhat, dwhat = dxhat.to(dt), dwhat.to(dt)
+            xhat, what_y, has, safe = _target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
+            g = g_cos.to(dt) * has
+            dxhat = dxhat + g[:, None] * what_y
+            dwhat.index_add_(0, safe, g[:, None] * xhat)
         dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None

@@ -365,7 +365,8 @@ class ClassParallelHead(nn.Module):
         # Target cosine: computed where this rank owns the label, summed over ranks (exactly one non-zero term).
         cos_part = _loss.target_cosine(x, self.weight, local, cfg)
         cos_y = _AllReduceSum.apply(torch.where(owned, cos_part, torch.zeros_like(cos_part)), comm)
-        z_y, thr, scale = _loss.target_logits(cos_y, valid, cfg, x)
+        thr = _loss.mask_thresholds(cos_y, valid, cfg)
+        z_y, scale = _loss.target_logits(cos_y, cfg, x)
 
         # Negatives over the local (sampled) classes.
         num_classes = self.num_classes
@@ -388,7 +389,7 @@ class ClassParallelHead(nn.Module):
         if not chosen.fused:
             raise ValueError(f"backend {chosen.name!r} materialises B x C and cannot run class-parallel; use 'auto' "
                              "or a fused backend (e.g. 'chunked')")
-        lse_part, zsum_part = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg)
+        lse_part, zsum_part, _ = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg)
         lse_neg = _MergeLSE.apply(lse_part, comm)
         lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
         zsum = None

@@ -51,28 +51,29 @@ def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> Non
 
 
 def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]):
-    """The pre-pass: (valid, safe_labels, cos_y, z_y, thr, scale)."""
+    """The pre-pass (no graph: the negatives pass returns cos_y with its gradient): (valid, safe_labels, thr)."""
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    cos_y = target_cosine(x, weight, safe_labels, cfg)
-    z_y, thr, scale = target_logits(cos_y, valid, cfg, x)
-    if bias is not None:
-        z_y = z_y + bias[safe_labels].to(z_y.dtype)
-    return valid, safe_labels, cos_y, z_y, thr, scale
+    with torch.no_grad():
+        cos_y = target_cosine(x, weight, safe_labels, cfg)
+    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg)
 
 
-def target_logits(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
-    """From the target cosines: (z_y = s f(cos_y), the detached mask threshold thr, the scale as a 0-d tensor)."""
+def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Moves CurricularFace's tau (once per call), then thr_i of the negatives' mask (detached)."""
+    cos_y = cos_y.detach()
     update_tau(cfg, cos_y, valid)
-    f = margins.margin_target(cos_y, cfg)
     if cfg.interclass_filtering_threshold > 0:
-        thr = torch.full_like(cos_y, cfg.interclass_filtering_threshold).detach()
-    elif cfg.mv == "none":
-        thr = torch.full_like(cos_y, math.inf).detach()
-    else:
-        thr = margins.mask_threshold(cos_y, f, cfg)
+        return torch.full_like(cos_y, cfg.interclass_filtering_threshold)
+    if cfg.mv == "none":
+        return torch.full_like(cos_y, math.inf)
+    return margins.mask_threshold(cos_y, margins.margin_target(cos_y, cfg), cfg)
+
+
+def target_logits(cos_y: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
+    """From the target cosines (with their graph): (z_y = s f(cos_y), the scale as a 0-d tensor)."""
     scale = _scalar_tensor(cfg.scale, like, compute_dtype(like))
-    return scale * f, thr, scale
+    return scale * margins.margin_target(cos_y, cfg), scale
 
 
 def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.Backend:
@@ -84,7 +85,8 @@ def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.B
 
 
 def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig):
-    """(lse_neg, zsum_neg) over every class k != neg_labels_i (-1: none excluded) with a fused backend."""
+    """(lse_neg, zsum_neg, cos_y) over every class k != neg_labels_i (-1: none excluded) with a fused backend;
+    cos_y is the raw target cosine (0 where neg_labels is -1), differentiable."""
     scale_vec = scale.expand(x.shape[0]).contiguous()
     return NegativesFunction.apply(
         x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), chosen,
@@ -136,8 +138,14 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     if not chosen.fused:
         from . import reference
         return reference.margin_softmax_loss(x, weight, labels, cfg, bias=bias)
-    valid, safe_labels, cos_y, z_y, thr, scale = target_side(x, weight, labels, cfg, bias)
+    valid, safe_labels, thr = target_side(x, weight, labels, cfg, bias)
     neg_labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    lse_neg, zsum_neg = negatives_pass(chosen, x, weight, bias, neg_labels, thr, scale, cfg)
+    scale = _scalar_tensor(cfg.scale, x, compute_dtype(x))
+    lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, scale, cfg)
+    if cfg.clamp_cos:
+        cos_y = cos_y.clamp(-1.0, 1.0)
+    z_y, _ = target_logits(cos_y, cfg, x)
+    if bias is not None:
+        z_y = z_y + bias[safe_labels].to(z_y.dtype)
     lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
     return finish(lse, z_y, zsum_neg + z_y, valid, weight.shape[0], cfg)
