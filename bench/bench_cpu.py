@@ -153,6 +153,11 @@ def main() -> None:
                 summary[f"speedup_vs_{other}"] = results[other]["median_s"] / results["cpu"]["median_s"]
                 summary[f"memory_ratio_vs_{other}"] = (results[other]["extra_peak_rss_mb"]
                                                        / max(results["cpu"]["extra_peak_rss_mb"], 1e-9))
+                # beyond the gradients every backend must return (dW and dx), the memory the method itself adds
+                grads = results["cpu"]["grad_w_mb"] * (1 + args.batch / args.classes)
+                summary[f"memory_ratio_vs_{other}_beyond_grads"] = (
+                    (results[other]["extra_peak_rss_mb"] - grads) / max(results["cpu"]["extra_peak_rss_mb"] - grads,
+                                                                        1e-9))
     command = "python bench/bench_cpu.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(), "shape": {"B": args.batch, "D": args.dim, "C": args.classes},

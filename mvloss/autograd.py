@@ -12,8 +12,10 @@ def _inv_norms(t: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype)
     return torch.ones(t.shape[0], dtype=dtype, device=t.device)
 
 
-# Rows per block of the normalisation backward: its fp32 temporaries stay a few MB whatever C is.
-NORM_BLOCK_ELEMS = 1 << 20
+# Elements per block of the normalisation backward: its fp32 temporaries stay bounded whatever C is (a few MB on
+# CPU; on a GPU larger blocks keep the launch count low).
+NORM_BLOCK_ELEMS = {"cpu": 1 << 18}
+NORM_BLOCK_ELEMS_DEFAULT = 1 << 24
 
 
 def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float,
@@ -23,7 +25,8 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
         return dhat.to(t.dtype)
     dt = dhat.dtype if dhat.dtype == torch.float64 else torch.float32
     out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
-    step = max(1, NORM_BLOCK_ELEMS // max(t.shape[1], 1))
+    block = NORM_BLOCK_ELEMS.get(t.device.type, NORM_BLOCK_ELEMS_DEFAULT)
+    step = max(1, block // max(t.shape[1], 1))
     for r0 in range(0, t.shape[0], step):
         r1 = min(t.shape[0], r0 + step)
         d, rinv = dhat[r0:r1].to(dt), inv[r0:r1].to(dt)[:, None]
