@@ -59,6 +59,23 @@ def treat_grad(c, param, TREATMENT: tl.constexpr):
 
 
 @triton.jit
+def column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS: tl.constexpr):
+    """The class tile's inverse norms and bias (the inverse norms stand in for an absent bias)."""
+    winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = winv
+    return winv, bias
+
+
+@triton.jit
+def negatives_mask(rmask, cmask, cols64, lab):
+    """In-bounds entries that are not the row's target column (a label of -1 matches none)."""
+    return rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+
+
+@triton.jit
 def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr, CLAMP: tl.constexpr,
                HAS_BIAS: tl.constexpr):
     """From the raw dot tile: (raw cos, cos, hard mask, treated u, logits z)."""

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import cos_tile, dlogit_tile, logit_tile
+from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask
 
 
 @triton.jit
@@ -24,11 +24,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols64 = cols.to(tl.int64)
-    winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bias = winv
+    winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcols < D
     dcols64 = dcols.to(tl.int64)
@@ -57,7 +53,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-        valid = rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+        valid = negatives_mask(rmask, cmask, cols64, lab)
         dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)

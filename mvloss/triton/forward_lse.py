@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import cos_tile, logit_tile
+from ._tiles import column_vectors, cos_tile, logit_tile, negatives_mask
 
 
 @triton.jit
@@ -42,13 +42,9 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
         cols64 = cols.to(tl.int64)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            bias = winv
+        winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
         raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-        valid = rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+        valid = negatives_mask(rmask, cmask, cols64, lab)
         run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
         zm = tl.where(valid, z, float("-inf"))
         new_m = tl.maximum(run_m, tl.max(zm, axis=1))
