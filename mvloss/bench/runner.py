@@ -37,6 +37,32 @@ def gemm_floor_step(x, w, backward):
         z.T @ x
 
 
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_start() -> int:
+    """Reset the process's peak RSS (Linux clear_refs) and return the RSS now, in KiB; the high-water mark of
+    ru_maxrss would otherwise still hold the transients of creating the inputs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_kb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def cpu_peak_kb() -> int:
+    try:
+        return _proc_kb("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _timer(device):
     if device.type == "cuda":
         def timed(fn):
@@ -85,14 +111,16 @@ def measure(case: dict, budget_s: float = 2.0, max_reps: int = 50) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import gc
+        gc.collect()
+        base = cpu_peak_start()
     try:
         first = timed(step)  # warm-up (compiles, autotunes)
         grads_mb = (x.numel() + w.numel()) * x.element_size() / 2**20 if backward else 0.0
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20 - grads_mb
         else:
-            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 - grads_mb  # KiB -> MiB
+            peak = (cpu_peak_kb() - base) / 1024 - grads_mb  # KiB -> MiB
         times = []
         deadline = time.perf_counter() + budget_s
         while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_reps):
