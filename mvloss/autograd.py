@@ -62,6 +62,14 @@ class NegativesFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
                 eps, chunk_size):
+        # fp32 inside whatever autocast says: backends see the input dtypes and choose their own GEMM precision
+        with torch.autocast(x.device.type, enabled=False):
+            return NegativesFunction._forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp,
+                                              normalize_x, normalize_w, eps, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
+                 eps, chunk_size):
         vec_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x_inv = _inv_norms(x, normalize_x, eps, vec_dtype)
         w_inv = _inv_norms(w, normalize_w, eps, vec_dtype)
@@ -77,6 +85,11 @@ class NegativesFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_sum, g_cos):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return NegativesFunction._backward(ctx, g_lse, g_sum, g_cos)
+
+    @staticmethod
+    def _backward(ctx, g_lse, g_sum, g_cos):
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
