@@ -75,12 +75,15 @@ def _cpu_unavailable() -> Optional[str]:
     return _IMPORT_ERROR
 
 
-def _cpu_cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
-    if spec.device.type != "cpu":
-        return f"the cpu backend runs CPU tensors, got device {spec.device}"
-    if spec.dtype not in _DTYPES:
-        return f"the cpu backend supports fp32/fp16/bf16/fp64, got {spec.dtype}"
-    return None
+def _device_check(device_type: str):
+    """cannot_run of the backend named after ``device_type``: its device, and the dtypes both backends take."""
+    def cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
+        if spec.device.type != device_type:
+            return f"the {device_type} backend runs {device_type.upper()} tensors, got device {spec.device}"
+        if spec.dtype not in _DTYPES:
+            return f"the {device_type} backend supports fp32/fp16/bf16/fp64, got {spec.dtype}"
+        return None
+    return cannot_run
 
 
 def _cuda_unavailable() -> Optional[str]:
@@ -94,15 +97,7 @@ def _cuda_unavailable() -> Optional[str]:
     return None
 
 
-def _cuda_cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
-    if spec.device.type != "cuda":
-        return f"the cuda backend runs CUDA tensors, got device {spec.device}"
-    if spec.dtype not in _DTYPES:
-        return f"the cuda backend supports fp32/fp16/bf16/fp64, got {spec.dtype}"
-    return None
-
-
 dispatch.register(dispatch.Backend(name="cuda", priority=20, forward=forward, backward=backward,
-                                   unavailable=_cuda_unavailable, cannot_run=_cuda_cannot_run))
+                                   unavailable=_cuda_unavailable, cannot_run=_device_check("cuda")))
 dispatch.register(dispatch.Backend(name="cpu", priority=30, forward=forward, backward=backward,
-                                   unavailable=_cpu_unavailable, cannot_run=_cpu_cannot_run))
+                                   unavailable=_cpu_unavailable, cannot_run=_device_check("cpu")))
