@@ -174,3 +174,18 @@ def autotune_configs(kind: str):
                         out.append(triton.Config(dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_DO=bdo), num_warps=w,
                                                  num_stages=2))
     return out
+
+
+_autotuned: dict = {}
+
+
+def kernel_for(kernel, kind: str):
+    """(the kernel to launch, whether the fixed table's tile sizes must be passed): the plain kernel, or with
+    MVLOSS_AUTOTUNE=1 its ``triton.autotune`` wrapper (made once per kernel) over ``autotune_configs(kind)``."""
+    if not autotuning():
+        return kernel, True
+    if kernel not in _autotuned:
+        import triton
+
+        _autotuned[kernel] = triton.autotune(configs=autotune_configs(kind), key=["D", "B_BUCKET"])(kernel)
+    return _autotuned[kernel], False

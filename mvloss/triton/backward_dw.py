@@ -69,16 +69,6 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         tl.store(dbias_ptr + cols64, db, mask=cmask & (pid_d == 0))
 
 
-_tuned = None
-
-
-def _kernel():
-    global _tuned
-    if not _config.autotuning():
-        return neg_dw_kernel, True
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_config.autotune_configs("backward"), key=["D", "B_BUCKET"])(neg_dw_kernel)
-    return _tuned, False
 
 
 def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -106,7 +96,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device)
     scale_dc = _config.scale_dc(x.dtype)
     nrm = dc_bound(g_lse, g_sum, scale, treatment, param) if scale_dc else dw
-    kernel, fixed = _kernel()
+    kernel, fixed = _config.kernel_for(neg_dw_kernel, "backward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_DC=scale_dc)

@@ -74,16 +74,6 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         tl.store(dscale_ptr + base + rows64, ds, mask=rmask & (pid_d == 0))
 
 
-_tuned = None
-
-
-def _kernel():
-    global _tuned
-    if not _config.autotuning():
-        return neg_dx_kernel, True
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_config.autotune_configs("backward"), key=["D", "B_BUCKET"])(neg_dx_kernel)
-    return _tuned, False
 
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
@@ -99,7 +89,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     lead = () if splits == 1 else (splits,)
     dx = torch.empty(lead + (B, D), dtype=torch.float32, device=x.device)
     dscale = torch.empty(lead + (B,) if need_dscale else (0,), dtype=torch.float32, device=x.device)
-    kernel, fixed = _kernel()
+    kernel, fixed = _config.kernel_for(neg_dx_kernel, "backward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_DC=_config.scale_dc(x.dtype))

@@ -58,16 +58,6 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
     tl.store(part_z_ptr + out, run_z, mask=rmask)
 
 
-_tuned = None
-
-
-def _kernel():
-    global _tuned
-    if not _config.autotuning():
-        return neg_lse_kernel, True
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_config.autotune_configs("forward"), key=["D", "B_BUCKET"])(neg_lse_kernel)
-    return _tuned, False
 
 
 def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
@@ -94,7 +84,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     part_m = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
-    kernel, fixed = _kernel()
+    kernel, fixed = _config.kernel_for(neg_lse_kernel, "forward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
     if fixed:
