@@ -83,14 +83,10 @@ int64_t row_block(int64_t n) {
   return std::max<int64_t>(1, env_int("MVLOSS_CPU_BLOCK_ELEMS", 1024 * 1024) / std::max<int64_t>(n, 1));
 }
 
-// One parallel region per chunk: each thread runs the cosine GEMM of its block of rows (ATen GEMMs inside a
-// parallel region run single-threaded) and, at once, the epilogue of those rows.
-template <typename T>
-void forward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a, at::Tensor& m,
-                          at::Tensor& s, at::Tensor& z, void (*fn)(const FwdChunk<T>&, int64_t, int64_t)) {
-  FwdChunk<T> c{a.raw.data_ptr<T>(), a.w_inv.data_ptr<T>(), ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(),
-                a.thr.data_ptr<T>(), a.scale.data_ptr<T>(), m.data_ptr<T>(), s.data_ptr<T>(), z.data_ptr<T>(),
-                static_cast<T>(a.param), a.n, a.c0, a.treatment, a.clamp};
+// One parallel region per chunk: each thread runs the cosine GEMM of its block of rows into the workspace (ATen
+// GEMMs inside a parallel region run single-threaded) and, while the block is warm in cache, ``body(b0, b1)``.
+template <typename Body>
+void for_each_row_block(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a, const Body& body) {
   const int64_t rb = row_block(a.n);
   const at::Tensor wt = wc.t();
   // ATen calls on the pool's threads must see this thread's dispatch state (below autograd, modes, grad mode)
@@ -101,9 +97,18 @@ void forward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const Ch
       const int64_t b1 = std::min(r1, b0 + rb);
       at::Tensor out = a.raw.narrow(0, b0, b1 - b0);
       at::mm_out(out, xhat.narrow(0, b0, b1 - b0), wt);
-      fn(c, b0, b1);
+      body(b0, b1);
     }
   });
+}
+
+template <typename T>
+void forward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a, at::Tensor& m,
+                          at::Tensor& s, at::Tensor& z, void (*fn)(const FwdChunk<T>&, int64_t, int64_t)) {
+  FwdChunk<T> c{a.raw.data_ptr<T>(), a.w_inv.data_ptr<T>(), ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(),
+                a.thr.data_ptr<T>(), a.scale.data_ptr<T>(), m.data_ptr<T>(), s.data_ptr<T>(), z.data_ptr<T>(),
+                static_cast<T>(a.param), a.n, a.c0, a.treatment, a.clamp};
+  for_each_row_block(xhat, wc, a, [&](int64_t b0, int64_t b1) { fn(c, b0, b1); });
 }
 
 template <typename T>
@@ -114,19 +119,9 @@ void backward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const C
                 ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(), a.thr.data_ptr<T>(), a.scale.data_ptr<T>(),
                 r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), static_cast<T>(a.param), a.n, a.c0,
                 a.treatment, a.clamp};
-  const int64_t rb = row_block(a.n);
-  const at::Tensor wt = wc.t();
-  // ATen calls on the pool's threads must see this thread's dispatch state (below autograd, modes, grad mode)
-  const at::ThreadLocalState state;
-  at::parallel_for(0, a.raw.size(0), rb, [&](int64_t r0, int64_t r1) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
-      const int64_t b1 = std::min(r1, b0 + rb);
-      at::Tensor out = a.raw.narrow(0, b0, b1 - b0);
-      at::mm_out(out, xhat.narrow(0, b0, b1 - b0), wt);
-      fn(c, b0, b1);
-      dxhat.narrow(0, b0, b1 - b0).addmm_(dcw.narrow(0, b0, b1 - b0), wc);
-    }
+  for_each_row_block(xhat, wc, a, [&](int64_t b0, int64_t b1) {
+    fn(c, b0, b1);
+    dxhat.narrow(0, b0, b1 - b0).addmm_(dcw.narrow(0, b0, b1 - b0), wc);
   });
 }
 
