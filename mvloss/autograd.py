@@ -38,7 +38,7 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
     return out
 
 
-def _target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
+def target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
     """x-hat and w-hat at each row's target class (zero rows where the label is -1), in dtype ``dt``."""
     has = labels >= 0
     safe = torch.where(has, labels, torch.zeros_like(labels))
@@ -77,7 +77,7 @@ class NegativesFunction(torch.autograd.Function):
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
                                     bool(clamp), **kwargs)
-        xhat, what_y, _, _ = _target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
+        xhat, what_y, _, _ = target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
         cos_y = (xhat * what_y).sum(1)
         ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
@@ -102,7 +102,7 @@ class NegativesFunction(torch.autograd.Function):
         if g_cos is not None:  # the target column: O(B*D), in place
             dt = x_inv.dtype
             dxhat, dwhat = dxhat.to(dt), dwhat.to(dt)
-            xhat, what_y, has, safe = _target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
+            xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
             g = g_cos.to(dt) * has
             dxhat = dxhat + g[:, None] * what_y
             dwhat.index_add_(0, safe, g[:, None] * xhat)

@@ -13,7 +13,7 @@ import torch
 
 from . import dispatch, margins
 from ._validate import check_inputs
-from .autograd import NegativesFunction
+from .autograd import NegativesFunction, target_rows
 from .config import LossConfig
 
 
@@ -29,14 +29,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:
     """cos_iy with autograd through both normalisations (O(B*D): a gather of B rows of W)."""
-    dt = compute_dtype(x)
-    xf = x.to(dt)
-    wy = weight[safe_labels].to(dt)
-    if cfg.normalize_x:
-        xf = xf / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(cfg.eps)
-    if cfg.normalize_w:
-        wy = wy / torch.linalg.vector_norm(wy, dim=1, keepdim=True).clamp_min(cfg.eps)
-    cos_y = (xf * wy).sum(1)
+    xhat, what_y, _, _ = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps,
+                                     compute_dtype(x))
+    cos_y = (xhat * what_y).sum(1)
     return cos_y.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_y
 
 
