@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .negatives import inverse_norms
+from .negatives import compute_dtype, inverse_norms
 
 
 def _inv_norms(t: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -70,7 +70,7 @@ class NegativesFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
                  eps, chunk_size):
-        vec_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        vec_dtype = compute_dtype(x)
         x_inv = _inv_norms(x, normalize_x, eps, vec_dtype)
         w_inv = _inv_norms(w, normalize_w, eps, vec_dtype)
         scale = scale.to(vec_dtype)

@@ -15,16 +15,13 @@ from . import dispatch, margins
 from ._validate import check_inputs
 from .autograd import NegativesFunction, target_rows
 from .config import LossConfig
+from .negatives import compute_dtype
 
 
 def _scalar_tensor(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=dtype).reshape(())
     return torch.tensor(float(value), device=like.device, dtype=dtype)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:

@@ -72,7 +72,11 @@ def treatment_derivative(c: torch.Tensor, treatment: int, param: float) -> torch
     raise ValueError(f"unknown treatment {treatment}")
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of all arithmetic after loading: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / max(||t_row||, eps) in fp32 (fp64 for fp64 input), the convention of F.normalize."""
-    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return 1.0 / torch.linalg.vector_norm(t.to(dt), dim=1).clamp_min(eps)
+    """1 / max(||t_row||, eps) in the compute dtype, the convention of F.normalize."""
+    return 1.0 / torch.linalg.vector_norm(t.to(compute_dtype(t)), dim=1).clamp_min(eps)

@@ -9,15 +9,11 @@ import os
 
 import torch
 
-from ..negatives import apply_treatment, treatment_derivative
+from ..negatives import apply_treatment, compute_dtype, treatment_derivative
 
 name = "chunked"
 # Elements of one B x chunk block (fp32): 4M elements = 16 MB of workspace per temporary.
 WORKSPACE_ELEMS = int(os.environ.get("MVLOSS_CHUNK_ELEMS", 4 * 1024 * 1024))
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def chunk_size_for(batch: int, num_classes: int, chunk_size: int | None = None) -> int:
@@ -41,7 +37,7 @@ def _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias, treatment, p
 
 
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None):
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     B, C = x.shape[0], w.shape[0]
     xhat = x.to(dt) * x_inv[:, None].to(dt)
     thr, scale = thr.to(dt), scale.to(dt)
@@ -65,7 +61,7 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
 
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
              need_dscale=False, need_dbias=False, chunk_size=None):
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     B, C = x.shape[0], w.shape[0]
     xhat = x.to(dt) * x_inv[:, None].to(dt)
     thr, scale, lse = thr.to(dt), scale.to(dt), lse.to(dt)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
+from ..negatives import compute_dtype
 
 _C = None
 _IMPORT_ERROR: Optional[str] = None
@@ -27,21 +28,17 @@ def built_with_cuda() -> bool:
     return _C is not None and bool(_C.built_with_cuda())
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 if _C is not None:
     @torch.library.register_fake("mvloss::neg_forward")
     def _neg_forward_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk=0):
-        acc = _acc(x)
+        acc = compute_dtype(x)
         b = x.shape[0]
         return x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=acc)
 
     @torch.library.register_fake("mvloss::neg_backward")
     def _neg_backward_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param,
                            clamp, need_dscale, need_dbias, chunk=0):
-        acc = _acc(x)
+        acc = compute_dtype(x)
         b, d, c = x.shape[0], x.shape[1], w.shape[0]
         return (x.new_empty((b, d), dtype=acc), x.new_empty((c, d), dtype=acc),
                 x.new_empty((b if need_dscale else 0,), dtype=acc), x.new_empty((c if need_dbias else 0,), dtype=acc))
@@ -49,7 +46,7 @@ if _C is not None:
 
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None, **kw):
     """(lse, zsum) of the negatives contract, via torch.ops.mvloss.neg_forward."""
-    acc = _acc(x)
+    acc = compute_dtype(x)
     bias = None if bias is None else bias.to(acc)
     return torch.ops.mvloss.neg_forward(x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc),
                                         scale.to(acc), bias, int(treatment), float(param), bool(clamp),
@@ -59,7 +56,7 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
              need_dscale=False, need_dbias=False, chunk_size=None, **kw):
     """(dxhat, dwhat, dscale | None, dbias | None), via torch.ops.mvloss.neg_backward."""
-    acc = _acc(x)
+    acc = compute_dtype(x)
     bias = None if bias is None else bias.to(acc)
     dxhat, dwhat, dscale, dbias = torch.ops.mvloss.neg_backward(
         x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc), bias, lse.to(acc),
