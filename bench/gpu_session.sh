@@ -1,17 +1,71 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see README "GPU checks"): build, GPU test suite, benchmarks, results to $OUT.
-#   run: bash bench/gpu_session.sh        (the image has torch + triton + nvcc and no network)
+# One call on a lent GPU machine (see README "GPU checks"): build, GPU tests, timings, results to $OUT.
+#   bash bench/gpu_session.sh                 # everything: tests, timings, kernel sweep, bench grid
+#   STAGES="tests timings" bash bench/gpu_session.sh
+# The image has torch + triton + nvcc and no network.  The C++/CUDA extension builds in the background while the
+# Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
+STAGES="${STAGES:-tests timings sweep bench}"
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
 [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
-{ nvidia-smi; python -m pip install --no-build-isolation -e . ; python -m mvloss info; } > "$OUT/build.log" 2>&1
-tail -n 5 "$OUT/build.log"
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu -x --durations=15 > "$OUT/gpu_tests.log" 2>&1
-tail -n 15 "$OUT/gpu_tests.log"
-timeout "${BENCH_TIMEOUT:-240}" python -m mvloss.bench --loss mv_arc normface --dtype bf16 --B 1024 --D 512 \
-  --C 100000 1000000 --budget 1 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-tail -n 30 "$OUT/bench.log"
-[ -f bench/triton_gpu_timings.py ] && timeout 120 python bench/triton_gpu_timings.py > "$OUT/triton_timings.log" 2>&1
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+T0=$(date +%s)
+stamp() { echo "[gpu_session +$(( $(date +%s) - T0 ))s] $*"; }
+
+{ nvidia-smi; "$PY" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton',
+triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
+head -c 600 "$OUT/env.txt" | tail -n 4
+
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --durations=10)
+"$PY" -c "import xdist" 2>/dev/null && PYTEST+=(-n "${PYTEST_WORKERS:-6}")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)
+
+stamp "build (background)"
+( time "$PY" setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1 &
+BUILD=$!
+
+if has tests; then
+  stamp "Triton tests"
+  timeout "${TRITON_TEST_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_triton.py > "$OUT/tests_triton.log" 2>&1
+  tail -n 25 "$OUT/tests_triton.log"
+fi
+wait $BUILD
+stamp "build rc=$? (tail below)"
+tail -n 4 "$OUT/build.log"
+"$PY" -m mvloss info >> "$OUT/build.log" 2>&1
+if has tests; then
+  stamp "other GPU tests"
+  timeout "${OTHER_TEST_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests --ignore=tests/test_triton.py \
+    > "$OUT/tests_other.log" 2>&1
+  tail -n 25 "$OUT/tests_other.log"
+fi
+if has timings; then
+  stamp "timings"
+  timeout "${TIMINGS_TIMEOUT:-120}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 --C 100000 1000000 \
+    --out "$OUT/timings.json" > "$OUT/timings.log" 2>&1
+  cat "$OUT/timings.log" | tail -n 8
+fi
+if has sweep; then
+  stamp "kernel sweep"
+  timeout "${SWEEP_TIMEOUT:-90}" "$PY" bench/triton_sweep.py --B 1024 --C 100000 --D 512 --out "$OUT/sweep.json" \
+    > /dev/null 2> "$OUT/sweep.err"
+  "$PY" - "$OUT/sweep.json" <<'EOF'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    cfg = {k: v for k, v in r.items() if k.startswith(("BLOCK", "num_"))}
+    print(r["kernel"], f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" if "ms" in r else r.get("error"), cfg)
+EOF
+fi
+if has bench; then
+  stamp "bench grid"
+  mkdir -p bench_out
+  timeout "${BENCH_TIMEOUT:-200}" "$PY" -m mvloss.bench --loss mv_arc normface --dtype bf16 --B 1024 --D 512 \
+    --C 100000 1000000 --budget 1 --out bench_out > "$OUT/bench.log" 2>&1
+  tail -n 30 "$OUT/bench.log"
+  tar czf "$OUT/bench_out.tgz" bench_out
+fi
+stamp "done"
 exit 0

@@ -7,6 +7,7 @@
 Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
+  cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
   chunked     the pure-PyTorch chunked backend (same loss);
   gemms       the three bare cuBLAS GEMMs the loss must do (x W^T, dZ W, dZ^T x) at the input dtype: the floor;
   eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C).
@@ -100,7 +101,10 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
                 F.arcface_loss(x, w, y, backend=backend, **kw)
         return fwd
 
-    for backend in ("triton", "chunked"):
+    import mvloss
+
+    available = {b["name"] for b in mvloss.backends() if b["available"]}
+    for backend in [b for b in ("triton", "cuda", "chunked") if b in available or b == "triton"]:
         ms_f = timed(loss_fwd(backend))
         ms_s = timed(loss_step(backend))
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
@@ -119,6 +123,12 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
                              fwd_bwd_tflops=step_flops / (ms_f + ms_b) / 1e9,
                              fwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_forward(*args)),
                              bwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_backward(*bargs)))
+    # the two backward kernels on their own (dx then dW), to see which one to tune
+    from mvloss.triton import backward_dw, backward_dx
+
+    kargs = args[:8] + (lse, bargs[9], bargs[10], 2, 0.2, False, False)
+    rec["triton_ops"]["dx_ms"] = timed(lambda: backward_dx.launch(*kargs))
+    rec["triton_ops"]["dw_ms"] = timed(lambda: backward_dw.launch(*kargs))
 
     # the floor: three GEMMs at the input dtype, in class chunks of at most 64k so B x chunk fits
     chunk = min(C, 65536)
@@ -181,14 +191,15 @@ def main(argv=None) -> int:
                 print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
                       f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, peak "
                       f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} bwd {o['bwd_ms']:.2f} ms | "
-                      f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
+                      + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
+                      + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
                       f"(x{gm['triton_over_gemms']:.2f})"
                       + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else ""), flush=True)
+                if a.out:  # after every shape, so a run stopped by a time limit keeps what it measured
+                    with open(a.out, "w") as f:
+                        json.dump(records, f, indent=1)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(records, f, indent=1)
     return 0
 
 

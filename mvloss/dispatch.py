@@ -90,7 +90,8 @@ def backends() -> list[dict]:
 
 def select(requested: str, spec: CallSpec) -> Backend:
     """The backend that runs this call; a clear error when an explicitly requested one cannot."""
-    return _REGISTRY[_select_name(requested, *dataclasses.astuple(spec))]
+    # Field by field: dataclasses.astuple deep-copies, which dynamo (torch 2.11) cannot trace on a torch.device.
+    return _REGISTRY[_select_name(requested, *(getattr(spec, f.name) for f in dataclasses.fields(spec)))]
 
 
 @torch.compiler.assume_constant_result

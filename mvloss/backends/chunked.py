@@ -49,7 +49,8 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
         c1 = min(C, c0 + step)
         _, _, _, _, _, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
                                                     treatment, param, clamp)
-        zsum += torch.where(is_target, 0.0, z).sum(1)
+        # out of place: torch 2.11's dynamo drops the gradient of an autograd.Function output mutated in place
+        zsum = zsum + torch.where(is_target, 0.0, z).sum(1)
         z = z.masked_fill(is_target, float("-inf"))
         new_max = torch.maximum(run_max, z.amax(1))
         safe = torch.where(torch.isfinite(new_max), new_max, 0.0)

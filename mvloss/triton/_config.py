@@ -176,6 +176,20 @@ def autotune_configs(kind: str):
     return out
 
 
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)``, so the launch traces under torch.compile.  torch <= 2.11 rejects the
+    interpreter's kernel objects (TRITON_INTERPRET=1); there the kernel launches eagerly, which is all the interpreter
+    can do anyway."""
+    from torch.library import wrap_triton
+
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        if interpreting():
+            return kernel
+        raise
+
+
 _autotuned: dict = {}
 
 

@@ -87,8 +87,6 @@ def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dbias: bool):
     """Returns (dwhat fp32 (C, D), dbias fp32 (C,) or an empty tensor)."""
-    from torch.library import wrap_triton
-
     B, D = x.shape
     C = w.shape[0]
     cfg = _config.backward_config("dw", B, D, x.dtype)
@@ -108,7 +106,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     def grid(m):
         return (triton.cdiv(C, m["BLOCK_C"]), triton.cdiv(D, m["BLOCK_DO"]))
 
-    wrap_triton(kernel)[grid](
+    _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
         lse, g_lse, g_sum, dw, dbias if need_dbias else dw, nrm,
         B, C, D, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),

@@ -79,8 +79,6 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dscale: bool):
     """Returns (dxhat fp32 (B, D), dscale fp32 (B,) or an empty tensor)."""
-    from torch.library import wrap_triton
-
     B, D = x.shape
     C = w.shape[0]
     cfg = _config.backward_config("dx", B, D, x.dtype)
@@ -101,7 +99,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     def grid(m):
         return (triton.cdiv(B, m["BLOCK_B"]), triton.cdiv(D, m["BLOCK_DO"]), splits)
 
-    wrap_triton(kernel)[grid](
+    _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
         lse, g_lse, g_sum, dx, dscale if need_dscale else dx,
         B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),

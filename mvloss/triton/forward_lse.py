@@ -75,8 +75,6 @@ def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool):
     """Run the forward kernel; returns (lse, zsum) fp32 (B,).  Callers pass contiguous fp32 per-row vectors."""
-    from torch.library import wrap_triton
-
     B, D = x.shape
     C = w.shape[0]
     cfg = _config.forward_config(B, D, x.dtype)
@@ -95,7 +93,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     def grid(m):
         return (triton.cdiv(B, m["BLOCK_B"]), splits)
 
-    wrap_triton(kernel)[grid](
+    _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
         part_m, part_s, part_z,
         B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),

@@ -1,0 +1,97 @@
+"""Time the Triton kernels under a few launch configurations, one shape, to pick the fixed table in
+mvloss/triton/_config.py (a quick alternative to MVLOSS_AUTOTUNE=1's full search).
+
+    python bench/triton_sweep.py --B 1024 --C 100000 --D 512 --dtype bf16 --out sweep.json
+    python bench/triton_sweep.py --smoke        # check the script on the CPU (interpreter, tiny shape)
+
+Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
+(CUDA events, median).  The first row of each kernel is the table's own choice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+FORWARD = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
+           dict(BLOCK_B=128, BLOCK_C=256, num_warps=8, num_stages=3),
+           dict(BLOCK_B=64, BLOCK_C=256, num_warps=8, num_stages=4),
+           dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=4),
+           dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]
+BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
+            dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+            dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+            dict(BLOCK_B=64, BLOCK_C=128, BLOCK_DO=128, num_warps=8, num_stages=2)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--B", type=int, default=1024)
+    p.add_argument("--C", type=int, default=100_000)
+    p.add_argument("--D", type=int, default=512)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        a.B, a.C, a.D, a.dtype = 5, 300, 24, "fp32"
+    sys.path.insert(0, os.path.dirname(__file__))
+    from triton_gpu_timings import DTYPES, _time
+
+    from mvloss.negatives import inverse_norms
+    from mvloss.triton import _config, backward_dw, backward_dx, forward_lse
+
+    device = torch.device("cpu" if a.smoke else "cuda")
+    dtype = DTYPES[a.dtype]
+    B, C, D = a.B, a.C, a.D
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, D, device=device, generator=g).to(dtype)
+    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype)
+    y = torch.randint(0, C, (B,), device=device, generator=g)
+    args = (x, w, inverse_norms(x, 1e-12), inverse_norms(w, 1e-12), y, torch.zeros(B, device=device),
+            torch.full((B,), 32.0, device=device), None, 2, 0.2, False)
+    lse, _ = forward_lse.launch(*args)
+    kargs = args[:8] + (lse, torch.ones(B, device=device) / B, torch.zeros(B, device=device), 2, 0.2, False, False)
+    warmup, iters = (0, 1) if a.smoke else (2, 7)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    table_fwd, table_bwd = _config.forward_config, _config.backward_config
+    bk = _config.k_block(dtype)
+    flops = 2.0 * B * C * D
+    records = []
+
+    def record(kernel, cfg, fn):
+        try:
+            ms = _time(fn, device, warmup, iters)
+            rec = dict(device=name, kernel=kernel, B=B, C=C, D=D, dtype=a.dtype, ms=ms, tflops=flops / ms / 1e9,
+                       **{k: v for k, v in cfg.items()})
+        except Exception as exc:  # a configuration out of resources on this device
+            rec = dict(device=name, kernel=kernel, error=f"{type(exc).__name__}: {str(exc)[:200]}", **cfg)
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(records, f, indent=1)
+
+    try:
+        for i, cfg in enumerate([None] + FORWARD):
+            if cfg is not None:
+                _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+            record("forward", cfg or dict(table_fwd(B, D, dtype), table=True), lambda: forward_lse.launch(*args))
+        _config.forward_config = table_fwd
+        for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
+            for cfg in [None] + BACKWARD:
+                if cfg is not None:
+                    _config.backward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+                record(kernel, cfg or dict(table_bwd(kernel, B, D, dtype), table=True), lambda: mod.launch(*kargs))
+                _config.backward_config = table_bwd
+    finally:
+        _config.forward_config, _config.backward_config = table_fwd, table_bwd
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
