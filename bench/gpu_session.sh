@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests timings sweep bench}"
+STAGES="${STAGES:-tests other timings sweep bench}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -29,16 +29,19 @@ BUILD=$!
 
 if has tests; then
   stamp "Triton tests"
-  timeout "${TRITON_TEST_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_triton.py > "$OUT/tests_triton.log" 2>&1
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TRITON_TEST_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_triton.py \
+    > "$OUT/tests_triton.log" 2>&1
   tail -n 25 "$OUT/tests_triton.log"
+  grep -h "^=== " "$OUT/failures.log" 2>/dev/null | head -n 30
 fi
 wait $BUILD
 stamp "build rc=$? (tail below)"
 tail -n 4 "$OUT/build.log"
 "$PY" -m mvloss info >> "$OUT/build.log" 2>&1
-if has tests; then
+if has other; then
   stamp "other GPU tests"
-  timeout "${OTHER_TEST_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests --ignore=tests/test_triton.py \
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${OTHER_TEST_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests \
+    --ignore=tests/test_triton.py \
     > "$OUT/tests_other.log" 2>&1
   tail -n 25 "$OUT/tests_other.log"
 fi

@@ -1,5 +1,6 @@
 """Time the Triton kernels under a few launch configurations, one shape, to pick the fixed table in
-mvloss/triton/_config.py (a quick alternative to MVLOSS_AUTOTUNE=1's full search).
+mvloss/triton/_config.py (a quick alternative to MVLOSS_AUTOTUNE=1's full search).  The forward table also sets the
+tiles of the backward's recompute kernel (backward_gemm), so each forward configuration times both.
 
     python bench/triton_sweep.py --B 1024 --C 100000 --D 512 --dtype bf16 --out sweep.json
     python bench/triton_sweep.py --smoke        # check the script on the CPU (interpreter, tiny shape)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     from triton_gpu_timings import DTYPES, _time
 
     from mvloss.negatives import inverse_norms
-    from mvloss.triton import _config, backward_dw, backward_dx, forward_lse
+    from mvloss.triton import _config, backward_dw, backward_dx, backward_gemm, forward_lse
 
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = DTYPES[a.dtype]
@@ -77,17 +78,21 @@ def main(argv=None) -> int:
                 json.dump(records, f, indent=1)
 
     try:
-        for i, cfg in enumerate([None] + FORWARD):
+        for cfg in [None] + FORWARD:
             if cfg is not None:
                 _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-            record("forward", cfg or dict(table_fwd(B, D, dtype), table=True), lambda: forward_lse.launch(*args))
+            shown = cfg or dict(table_fwd(B, D, dtype), table=True)
+            record("forward", shown, lambda: forward_lse.launch(*args))
+            record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
         _config.forward_config = table_fwd
-        for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
-            for cfg in [None] + BACKWARD:
-                if cfg is not None:
-                    _config.backward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-                record(kernel, cfg or dict(table_bwd(kernel, B, D, dtype), table=True), lambda: mod.launch(*kargs))
-                _config.backward_config = table_bwd
+        if os.environ.get("SWEEP_RECOMPUTE") == "1":
+            for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
+                for cfg in [None] + BACKWARD:
+                    if cfg is not None:
+                        _config.backward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+                    record(kernel, cfg or dict(table_bwd(kernel, B, D, dtype), table=True),
+                           lambda: mod.launch(*kargs))
+                    _config.backward_config = table_bwd
     finally:
         _config.forward_config, _config.backward_config = table_fwd, table_bwd
     return 0

@@ -96,6 +96,8 @@ class NegativesFunction(torch.autograd.Function):
         g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
         need_dscale = ctx.needs_input_grad[2]
         need_dbias = bias is not None and ctx.needs_input_grad[3]
+        if backend.backward_fused_w is not None and ctx.needs_input_grad[1]:
+            return NegativesFunction._backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias)
         dxhat, dwhat, dscale, dbias = backend.backward(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
             treatment, param, clamp, need_dscale, need_dbias, **kwargs)
@@ -108,5 +110,31 @@ class NegativesFunction(torch.autograd.Function):
             dwhat.index_add_(0, safe, g[:, None] * xhat)
         dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
+        dbias = dbias.to(bias.dtype) if need_dbias else None
+        return dx, dw, dscale, dbias, None, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias):
+        """Same gradients, for a backend that finishes dW itself (Backend.backward_fused_w): it gets the target rows
+        g_cos_i * x-hat_i to add at class y_i before the normalisation backward, and returns dW in W's dtype."""
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
+        backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
+        dt = x_inv.dtype
+        if g_cos is not None:
+            xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
+            g = g_cos.to(dt) * has
+            rows = g[:, None] * xhat
+        else:
+            safe = torch.zeros_like(labels)
+            rows = torch.zeros(x.shape, dtype=dt, device=x.device)
+        dxhat, dw, dscale, dbias = backend.backward_fused_w(
+            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
+            treatment, param, clamp, need_dscale, need_dbias, safe, rows, normalize_w, eps, **kwargs)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxhat = dxhat.to(dt)
+            if g_cos is not None:
+                dxhat = dxhat + g[:, None] * what_y
+            dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x)
         dbias = dbias.to(bias.dtype) if need_dbias else None
         return dx, dw, dscale, dbias, None, None, None, None, None, None, None, None, None, None

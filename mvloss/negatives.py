@@ -79,4 +79,5 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / max(||t_row||, eps) in the compute dtype, the convention of F.normalize."""
-    return 1.0 / torch.linalg.vector_norm(t.to(compute_dtype(t)), dim=1).clamp_min(eps)
+    # dtype= accumulates in the compute dtype without an upcast copy of t (a C x D fp32 copy of a bf16 W otherwise)
+    return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=compute_dtype(t)).clamp_min(eps)

@@ -30,3 +30,12 @@ def nan_poisoned_allocations():
     yield
     det.fill_uninitialized_memory = old_fill
     torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def pytest_runtest_logreport(report):
+    """MVLOSS_FAILURE_LOG=path: append each failure as it happens (a GPU session stopped by its time limit keeps
+    the failures it saw; pytest's own summary comes only at the end)."""
+    path = os.environ.get("MVLOSS_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

@@ -13,9 +13,11 @@ When it runs (``unavailable`` / ``cannot_run``):
   only where a test asks for ``backend="triton"`` by name.
 * Learnable scale (dscale) and learnable bias (dbias) are supported.
 
-Determinism: the backward is two kernels (dx over row blocks looping over classes, dW over class blocks looping
-over rows); neither uses atomics and class splits are summed in a fixed order, so results are bitwise reproducible
-for a given device, shape and configuration (so ``torch.use_deterministic_algorithms(True)`` needs nothing more).
+Determinism: the default backward (``backward_gemm``) recomputes the cosines of one class chunk into a bounded
+workspace and runs two GEMMs per chunk, chunks in order; the alternative (``MVLOSS_TRITON_BACKWARD=recompute``) is
+two kernels (dx over row blocks looping over classes, dW over class blocks looping over rows).  Neither uses atomics
+and partial sums are added in a fixed order, so results are bitwise reproducible for a given device, shape and
+configuration.  (The target rows' index_add follows ``torch.use_deterministic_algorithms``.)
 """
 from __future__ import annotations
 
@@ -111,6 +113,20 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 
+def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
+                     need_dscale, need_dbias, target_idx, target_rows, normalize_w, eps, **kwargs):
+    """The backward with dW finished per class chunk -> (dxhat fp32 of the negatives, dW in W's dtype and layout,
+    dscale or None, dbias or None).  dW includes target_rows[i] at class target_idx[i] and the normalisation
+    backward (``normalize_w``, ``eps``), so the C x D fp32 dwhat of ``backward`` never exists."""
+    if not torch.compiler.is_compiling():
+        _load_ops()
+    need_dbias = bool(need_dbias) and bias is not None
+    dxhat, dw, dscale, dbias = torch.ops.mvloss.triton_neg_backward_w(
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), float(param),
+        bool(clamp), bool(need_dscale), need_dbias, target_idx, target_rows, bool(normalize_w), float(eps))
+    return dxhat, dw, (dscale if need_dscale else None), (dbias if need_dbias else None)
+
+
 def inverse_norms_pair(a, b, eps):
     """Fused 1/max(||row||, eps) of both matrices (fp32); see ``mvloss.triton.inv_norm``."""
     from .inv_norm import inverse_norms_pair as impl
@@ -119,4 +135,5 @@ def inverse_norms_pair(a, b, eps):
 
 
 dispatch.register(dispatch.Backend(name="triton", priority=10, forward=forward, backward=backward,
-                                   unavailable=unavailable, cannot_run=cannot_run))
+                                   unavailable=unavailable, cannot_run=cannot_run,
+                                   backward_fused_w=backward_fused_w))

@@ -37,6 +37,18 @@ def fp32_precision() -> str:
     return value
 
 
+BACKWARD_MODES = ("gemm", "recompute")
+
+
+def backward_mode() -> str:
+    """MVLOSS_TRITON_BACKWARD = gemm (default: one recompute kernel writing a bounded workspace, then two GEMMs per
+    class chunk) or recompute (two pure-Triton kernels, dx and dW, each recomputing the cosines; no workspace)."""
+    value = os.environ.get("MVLOSS_TRITON_BACKWARD", "gemm").lower()
+    if value not in BACKWARD_MODES:
+        raise ValueError(f"MVLOSS_TRITON_BACKWARD={value!r} is not one of {BACKWARD_MODES}")
+    return value
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if interpreting() else fp32_precision()

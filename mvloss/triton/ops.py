@@ -1,6 +1,7 @@
 """The Triton backend's custom ops (the contract functions that call them are in ``mvloss.triton``).
 
-``mvloss::triton_neg_forward`` and ``mvloss::triton_neg_backward`` are ``torch.library.triton_op`` ops: their
+``mvloss::triton_neg_forward``, ``mvloss::triton_neg_backward`` and ``mvloss::triton_neg_backward_w`` (the backward
+with the weight gradient finished per class chunk) are ``torch.library.triton_op`` ops: their
 implementation (plain PyTorch plus ``wrap_triton`` kernel launches) doubles as the fake implementation, so
 ``torch.compile`` traces through them and Inductor sees the kernels.  Autograd is not registered here: the
 ``torch.autograd.Function`` in ``mvloss.autograd`` calls the backend's ``forward``/``backward`` for every backend.
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from . import backward_dw, backward_dx
+from . import _config, backward_dw, backward_dx, backward_gemm
 from . import forward_lse as _forward
 
 
@@ -61,6 +62,35 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
         dscale = torch.zeros((0,), dtype=torch.float32, device=x.device)
         dbias = torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device)
         return dxhat, dwhat, dscale, dbias
-    dxhat, dscale = backward_dx.launch(*args, treatment, param, clamp, need_dscale)
-    dwhat, dbias = backward_dw.launch(*args, treatment, param, clamp, need_dbias and bias is not None)
-    return dxhat, dwhat, dscale, dbias
+    need_dbias = need_dbias and bias is not None
+    if _config.backward_mode() == "recompute":
+        dxhat, dscale = backward_dx.launch(*args, treatment, param, clamp, need_dscale)
+        dwhat, dbias = backward_dw.launch(*args, treatment, param, clamp, need_dbias)
+        return dxhat, dwhat, dscale, dbias
+    return backward_gemm.launch(*args, treatment, param, clamp, need_dscale, need_dbias)
+
+
+@triton_op("mvloss::triton_neg_backward_w", mutates_args=())
+def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+                          labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, treatment: int, param: float,
+                          clamp: bool, need_dscale: bool, need_dbias: bool, target_idx: torch.Tensor,
+                          target_rows: torch.Tensor, normalize_w: bool, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward with the weight gradient finished inside: (dxhat fp32 (B, D) of the negatives, dW (C, D) in W's
+    dtype and layout -- the negatives, plus target_rows[i] added at class target_idx[i], through the normalisation
+    backward --, dscale (B,) or (0,), dbias (C,) or (0,))."""
+    w_out = torch.empty_like(w)
+    x, w = _operands(x, w)
+    B, D = x.shape
+    C = w.shape[0]
+    args = (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
+            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+    need_dbias = need_dbias and bias is not None
+    finish = (target_idx.to(torch.int64), target_rows.to(torch.float32), w_out, bool(normalize_w), float(eps))
+    if B == 0:
+        w_out.zero_()
+        return (torch.zeros((0, D), dtype=torch.float32, device=x.device), w_out,
+                torch.zeros((0,), dtype=torch.float32, device=x.device),
+                torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device))
+    return backward_gemm.launch(*args, treatment, param, clamp, need_dscale, need_dbias, finish_w=finish)

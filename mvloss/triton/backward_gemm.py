@@ -1,0 +1,175 @@
+"""The backward through a bounded workspace (the default, ``MVLOSS_TRITON_BACKWARD=gemm``).
+
+Per class chunk [c0, c1): one Triton kernel recomputes the cosine tiles (same tiles and K order as the forward, so
+exp(z - lse) matches the forward's lse), forms dc, the gradient w.r.t. the cosines, on chip (see
+``mvloss.negatives``) and writes two B x chunk workspaces in the input dtype, Gx = dc * w_inv (per class) and
+Gw = dc * x_inv (per row).  Two GEMMs (cuBLAS through ATen, fp32 output) then give
+
+    dxhat         += Gx @ W[c0:c1]          (= sum_k dc_ik w-hat_k)
+    dwhat[c0:c1]   = Gw^T @ X               (= sum_i dc_ik x-hat_i)
+
+on the raw inputs: no normalised copy of x or W, and dc is rounded to the GEMM dtype once, as in the recompute
+kernels.
+
+That is one recompute in total (the 8 B C D count: forward, recompute, dX, dW).  The workspace holds
+``MVLOSS_TRITON_WORKSPACE_ELEMS`` elements whatever C is; nothing uses atomics and chunks run in order, so the result
+is bitwise reproducible.  With ``finish_w`` (the fused weight gradient) each chunk's dwhat also gets its target
+rows and goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32 buffer.
+fp16 inputs: Gx is divided by a per-row bound of |dc| and Gw by one global bound first (|G| <= 1: no fp16 overflow
+or underflow), the products multiplied back.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config, norm_backward
+from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask
+
+
+@triton.jit
+def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                       lse_ptr, g_lse_ptr, g_sum_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
+                       B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
+                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    cols = c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < c1
+    cols64 = cols.to(tl.int64)
+    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
+    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+
+    acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
+                   BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+    winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
+    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    valid = negatives_mask(rmask, cmask, cols64, lab)
+    dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
+    gx = dc * winv[None, :]
+    gw = dc * xinv[:, None]
+    if SCALE_G:  # |G| <= 1 before it is rounded to fp16
+        gx = gx * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
+        gw = gw * tl.load(inv_n_ptr)
+    local = (cols - c0).to(tl.int64)
+    out = rows64[:, None] * ldg + local[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=omask)
+    tl.store(gw_ptr + out, gw.to(gw_ptr.dtype.element_ty), mask=omask)
+    if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher
+        tl.store(ds_ptr + pid_c.to(tl.int64) * B + rows64, tl.sum(tl.where(valid, dz * u, 0.0), axis=1),
+                 mask=rmask)
+    if NEED_DBIAS:  # one partial per row tile
+        tl.store(db_ptr + pid_b.to(tl.int64) * ldg + local, tl.sum(dz, axis=0), mask=cmask)
+
+
+def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
+    """Per row, a bound of |dc_ik| over k (see _tiles.dc_scale): (|g_lse| + |g_sum|) |s| max|h'|; 1 where it is 0."""
+    if treatment == 2:
+        hmax = max(abs(param + 1.0), 1.0)
+    elif treatment == 3:
+        hmax = max(abs(param) + 2.0, 1.0)
+    else:
+        hmax = 1.0
+    n = (g_lse.abs() + g_sum.abs()) * scale.abs() * hmax
+    return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
+
+
+def workspace_elems() -> int:
+    """Elements of the B x chunk workspace (default 32M: 64 MB in bf16)."""
+    return max(1, int(os.environ.get("MVLOSS_TRITON_WORKSPACE_ELEMS", 32 * 1024 * 1024)))
+
+
+def _chunk(B: int, C: int, block_c: int) -> int:
+    per = max(block_c, (workspace_elems() // max(B, 1)) // block_c * block_c)
+    return min(per, triton.cdiv(C, block_c) * block_c)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output (half inputs: tensor cores, fp32 accumulation and result)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
+
+
+def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
+           clamp: bool, need_dscale: bool, need_dbias: bool, finish_w=None):
+    """Returns (dxhat fp32 (B, D), dwhat fp32 (C, D) -- or with ``finish_w`` = (target_idx, target_rows, w_out,
+    normalize_w, eps) the final weight gradient written into w_out --, dscale fp32 (B,) or empty, dbias fp32 (C,)
+    or empty)."""
+    B, D = x.shape
+    C = w.shape[0]
+    dev = x.device
+    cfg = _config.forward_config(B, D, x.dtype)  # the forward's tiles: same cosine summation order
+    bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
+    chunk = _chunk(B, C, bc)
+    gdt = x.dtype
+    work_x = torch.empty((B, chunk), dtype=gdt, device=dev)
+    work_w = torch.empty((B, chunk), dtype=gdt, device=dev)
+    scale_g = gdt == torch.float16
+    if scale_g:
+        row_n = dc_row_bound(g_lse, g_sum, scale, treatment, param)  # Gx row i divided by row_n[i]
+        big_n = (row_n * x_inv).amax().clamp_min(1e-30).reshape(1)   # Gw divided by big_n
+        rn, inv_n = 1.0 / row_n, 1.0 / big_n
+    dxhat = torch.zeros((B, D), dtype=torch.float32, device=dev)
+    dwhat = torch.empty((C, D) if finish_w is None else (0, D), dtype=torch.float32, device=dev)
+    dscale = torch.zeros((B,) if need_dscale else (0,), dtype=torch.float32, device=dev)
+    dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=dev)
+    n_ct = triton.cdiv(chunk, bc)
+    ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
+    db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
+    meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
+                NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, **cfg)
+    kernel = _config.launcher(neg_dlogits_kernel)
+    for c0 in range(0, C, chunk):
+        c1 = min(C, c0 + chunk)
+        grid = (triton.cdiv(B, bb), triton.cdiv(c1 - c0, bc))
+        kernel[grid](
+            x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
+            lse, g_lse, g_sum, work_x, work_w, ds_part if need_dscale else work_x,
+            db_part if need_dbias else work_x, rn if scale_g else w_inv, inv_n if scale_g else w_inv,
+            B, c0, c1, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param), **meta)
+        dxhat += _mm32(work_x[:, : c1 - c0], w[c0:c1])
+        dw_c = _mm32(work_w[:, : c1 - c0].T, x)
+        if scale_g:
+            dw_c *= big_n
+        if finish_w is None:
+            dwhat[c0:c1] = dw_c
+        else:
+            _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w)
+        if need_dscale:
+            dscale += ds_part[: grid[1]].sum(0)
+        if need_dbias:
+            dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
+    if scale_g:
+        dxhat *= row_n[:, None]
+    return dxhat, (dwhat if finish_w is None else finish_w[2]), dscale, dbias
+
+
+def _finish_chunk(dw_c, c0, c1, w, w_inv, target_idx, target_rows, w_out, normalize_w, eps):
+    """dwhat of one chunk + the target rows whose label is in it, then the normalisation backward into w_out."""
+    inside = (target_idx >= c0) & (target_idx < c1)
+    # every row takes part (no data-dependent shapes under torch.compile); rows outside the chunk add zero at 0
+    dw_c.index_add_(0, torch.where(inside, target_idx - c0, torch.zeros_like(target_idx)),
+                    target_rows * inside[:, None])
+    if norm_backward.supports(dw_c.shape[1]):
+        norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1])
+    else:
+        from ..autograd import normalization_backward
+
+        w_out[c0:c1] = normalization_backward(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w)

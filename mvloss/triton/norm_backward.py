@@ -1,0 +1,56 @@
+"""Normalisation backward of row blocks in one pass: out = d/dt of t / max(||t||, eps) given the gradient dhat
+w.r.t. the normalised rows (what ``mvloss.autograd.normalization_backward`` computes with several PyTorch ops).
+
+Reads dhat (fp32) and t once, writes the gradient once in ``out``'s dtype: the backward's weight gradient of a class
+chunk goes from the fp32 chunk straight to the weight's dtype, so no C x D fp32 buffer is ever needed.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+MAX_D = 8192  # one program holds whole rows; wider rows use the PyTorch path
+
+
+@triton.jit
+def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, D, sdr, sdd, str_, std, sor, sod, eps,
+                         NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    cols64 = tl.arange(0, BLOCK_D).to(tl.int64)
+    m = rmask[:, None] & (cols64[None, :] < D)
+    d = tl.load(d_ptr + rows64[:, None] * sdr + cols64[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+        t = tl.load(t_ptr + rows64[:, None] * str_ + cols64[None, :] * std, mask=m, other=0.0).to(tl.float32)
+        that = t * inv[:, None]
+        dot = tl.sum(d * that, axis=1)
+        projected = d - dot[:, None] * that
+        # below eps the map is the linear t / eps: no projection (as the PyTorch path)
+        above = (1.0 / inv) > eps
+        d = tl.where(above[:, None], projected, d) * inv[:, None]
+    tl.store(out_ptr + rows64[:, None] * sor + cols64[None, :] * sod, d.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def supports(dim: int) -> bool:
+    return dim <= MAX_D
+
+
+def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, normalize: bool,
+           out: torch.Tensor) -> torch.Tensor:
+    """Write the gradient w.r.t. t (rows of ``t``; ``dhat`` fp32 of the same shape) into ``out`` and return it."""
+    R, D = t.shape
+    if R == 0:
+        return out
+    block_d = triton.next_power_of_2(max(D, 16))
+    block_r = max(1, min(64, 4096 // block_d))
+    if _config.interpreting():
+        block_r = min(block_r, 8)
+    grid = (triton.cdiv(R, block_r),)
+    _config.launcher(norm_backward_kernel)[grid](
+        dhat, t, inv, out, R, D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
+        out.stride(1), float(eps), NORMALIZE=bool(normalize), BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 2048 else 8)
+    return out
