@@ -169,6 +169,39 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     return rec
 
 
+def profile_step(B, C, D, dtype, path, device="cuda"):
+    """torch.profiler tables of three Triton-backend training steps (host time and device time per op) -> path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mvloss import functional as F
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(True)
+    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype).requires_grad_(True)
+    y = torch.randint(0, C, (B,), device=device, generator=g)
+
+    def step():
+        x.grad = None
+        w.grad = None
+        F.arcface_loss(x, w, y, backend="triton", scale=32.0, margin=0.5, mv="adaptive", t=0.2).backward()
+
+    for _ in range(3):
+        step()
+    _sync(torch.device(device))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        _sync(torch.device(device))
+    avg = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(f"B={B} C={C} D={D} {dtype}, 3 steps\n\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=45))
+        if device == "cuda":
+            f.write("\n\n")
+            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=30))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -176,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--C", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--D", type=int, nargs="*", default=[128, 512])
     p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--profile", default=None, help="also write torch.profiler tables of the first shape's step here")
     p.add_argument("--smoke", action="store_true",
                    help="check this script on the CPU: Triton interpreter, one tiny shape, meaningless timings")
     a = p.parse_args(argv)
@@ -188,6 +222,8 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 1
     records = []
+    if a.profile:
+        profile_step(a.B[0], a.C[0], a.D[0], DTYPES[a.dtype], a.profile, device=device)
     for B in a.B:
         for C in a.C:
             for D in a.D:

@@ -1,6 +1,6 @@
 """Time the Triton kernels under a few launch configurations, one shape, to pick the fixed table in
 mvloss/triton/_config.py (a quick alternative to MVLOSS_AUTOTUNE=1's full search).  The forward table also sets the
-tiles of the backward's recompute kernel (backward_gemm), so each forward configuration times both.
+tiles of nothing else; the backward's recompute kernel (backward_gemm) has its own table (dlogits_config).
 
     python bench/triton_sweep.py --B 1024 --C 100000 --D 512 --dtype bf16 --out sweep.json
     python bench/triton_sweep.py --smoke        # check the script on the CPU (interpreter, tiny shape)
@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-FORWARD = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
-           dict(BLOCK_B=128, BLOCK_C=256, num_warps=8, num_stages=3),
-           dict(BLOCK_B=64, BLOCK_C=256, num_warps=8, num_stages=4),
-           dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=4),
-           dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]
+FORWARD = [dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]
+DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
+           dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3)]
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
@@ -83,8 +83,16 @@ def main(argv=None) -> int:
                 _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
             shown = cfg or dict(table_fwd(B, D, dtype), table=True)
             record("forward", shown, lambda: forward_lse.launch(*args))
-            record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
         _config.forward_config = table_fwd
+        table_dl = _config.dlogits_config
+        try:
+            for cfg in [None] + DLOGITS:
+                if cfg is not None:
+                    _config.dlogits_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+                shown = cfg or dict(table_dl(B, D, dtype), table=True)
+                record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
+        finally:
+            _config.dlogits_config = table_dl
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
                 for cfg in [None] + BACKWARD:

@@ -311,12 +311,14 @@ from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
 cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
          (torch.float32, 64, 40)]
 for dtype, b, d in cases:
-    for kernel in ("fwd", "dx", "dw"):
-        if kernel == "fwd" and (dtype, b, d) != cases[0] and dtype != torch.float32:
+    for kernel in ("fwd", "dlogits", "dx", "dw"):
+        if kernel in ("fwd", "dlogits") and (dtype, b, d) != cases[0] and dtype != torch.float32:
             continue
         r = compile_kernel(kernel, dtype, b, d, arch=90)
         assert r["shared"] <= SHARED_LIMIT, r
-        assert r["spill_bytes"] <= 128, r  # triton 3.8: <= 64 bytes; 3.6 spills 96 in dx bf16 D=512
+        # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide accumulators spill a little (3.8:
+        # <= 64 bytes, 3.6: up to 136)
+        assert r["spill_bytes"] <= {"fwd": 64, "dlogits": 64}.get(kernel, 256), r
 print("ok")
 """
 
@@ -339,7 +341,8 @@ def test_triton_kernels_compile_for_sm90():
 
 
 def test_triton_gpu_timings_script_smoke(tmp_path):
-    """bench/triton_gpu_timings.py runs end to end (--smoke: CPU, interpreter, tiny shape) and writes its records."""
+    """bench/triton_gpu_timings.py runs end to end and writes its records: on a GPU on a small shape, elsewhere with
+    --smoke (CPU, interpreter, tiny shape).  (On the GPU image, triton 3.6's interpreter fails on numpy 2.5.)"""
     import json
     import subprocess
     import sys
@@ -347,7 +350,8 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                           "triton_gpu_timings.py")
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(out)], capture_output=True, text=True,
+    args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
+    proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]

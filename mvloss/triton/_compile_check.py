@@ -27,7 +27,7 @@ def _signature(fn, dtype, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("x_ptr", "w_ptr", "a_ptr", "b_ptr"):
+        elif name in ("x_ptr", "w_ptr", "a_ptr", "b_ptr", "gx_ptr", "gw_ptr"):
             sig[name] = "*" + _DT[dtype]
         elif name == "labels_ptr":
             sig[name] = "*i64"
@@ -60,7 +60,8 @@ def _ptxas_info(ptx: str, arch: int) -> dict:
 
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True) -> dict:
-    """Compile one kernel ("fwd", "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
+    """Compile one kernel ("fwd", "dlogits" -- the default backward's recompute kernel --, or the recompute design's
+    "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -68,17 +69,24 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     from triton.compiler import ASTSource
 
     from . import _config
+    from .backward_gemm import neg_dlogits_kernel
     from .backward_dw import neg_dw_kernel
     from .backward_dx import neg_dx_kernel
     from .forward_lse import neg_lse_kernel
 
-    fn = {"fwd": neg_lse_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
-    cfg = _config.forward_config(batch, dim, dtype) if kernel == "fwd" else \
-        _config.backward_config(kernel, batch, dim, dtype)
+    fn = {"fwd": neg_lse_kernel, "dlogits": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
+    if kernel == "fwd":
+        cfg = _config.forward_config(batch, dim, dtype)
+    elif kernel == "dlogits":
+        cfg = _config.dlogits_config(batch, dim, dtype)
+    else:
+        cfg = _config.backward_config(kernel, batch, dim, dtype)
     consts = dict(TREATMENT=treatment, CLAMP=clamp, HAS_BIAS=has_bias, UPCAST=False,
                   PRECISION=_config.input_precision(dtype))
-    if kernel != "fwd":
+    if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
+    if kernel == "dlogits":
+        consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16)
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     for dt in a.dtype:
         for b in a.B:
             for d in a.D:
-                for kernel in ("fwd", "dx", "dw"):
+                for kernel in ("fwd", "dlogits", "dx", "dw"):
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
                     print(f"{kernel:3} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "

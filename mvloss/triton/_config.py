@@ -136,6 +136,18 @@ def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
 
 
+def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the default backward's recompute kernel (backward_gemm).  Its epilogue keeps more B x C tiles alive
+    than the forward's, so the forward's 128 x 128 tile spills (1.3 KB at bf16, sm_90); these compile spill-free
+    (fp16: 40 bytes).  BLOCK_K is the forward's, so the cosines are summed in the same order."""
+    bk = k_block(dtype)
+    if interpreting():
+        return dict(BLOCK_B=32, BLOCK_C=64, BLOCK_K=bk, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or batch <= 16:
+        return dict(BLOCK_B=16, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
+    return dict(BLOCK_B=64, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
+
+
 def backward_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the backward kernels ("dx" or "dw").
 

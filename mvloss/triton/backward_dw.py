@@ -21,6 +21,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
+    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols64 = cols.to(tl.int64)

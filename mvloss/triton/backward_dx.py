@@ -22,6 +22,7 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     pid_s = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B

@@ -1,7 +1,7 @@
 """The backward through a bounded workspace (the default, ``MVLOSS_TRITON_BACKWARD=gemm``).
 
-Per class chunk [c0, c1): one Triton kernel recomputes the cosine tiles (same tiles and K order as the forward, so
-exp(z - lse) matches the forward's lse), forms dc, the gradient w.r.t. the cosines, on chip (see
+Per class chunk [c0, c1): one Triton kernel recomputes the cosine tiles (the forward's K order, so exp(z - lse)
+matches the forward's lse), forms dc, the gradient w.r.t. the cosines, on chip (see
 ``mvloss.negatives``) and writes two B x chunk workspaces in the input dtype, Gx = dc * w_inv (per class) and
 Gw = dc * x_inv (per row).  Two GEMMs (cuBLAS through ATen, fp32 output) then give
 
@@ -38,6 +38,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
+    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
@@ -88,8 +89,8 @@ def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Ten
 
 
 def workspace_elems() -> int:
-    """Elements of the B x chunk workspace (default 32M: 64 MB in bf16)."""
-    return max(1, int(os.environ.get("MVLOSS_TRITON_WORKSPACE_ELEMS", 32 * 1024 * 1024)))
+    """Elements of each of the two B x chunk workspaces (default 16M: 32 MB each in bf16)."""
+    return max(1, int(os.environ.get("MVLOSS_TRITON_WORKSPACE_ELEMS", 16 * 1024 * 1024)))
 
 
 def _chunk(B: int, C: int, block_c: int) -> int:
@@ -114,7 +115,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     B, D = x.shape
     C = w.shape[0]
     dev = x.device
-    cfg = _config.forward_config(B, D, x.dtype)  # the forward's tiles: same cosine summation order
+    cfg = _config.dlogits_config(B, D, x.dtype)
     bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
     chunk = _chunk(B, C, bc)
     gdt = x.dtype

@@ -23,6 +23,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
+    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
