@@ -548,6 +548,20 @@ def test_triton_peak_memory_independent_of_b_times_c():
     outputs = dxhat.numel() * dxhat.element_size() + dwhat.numel() * dwhat.element_size()
     extra_bwd = torch.cuda.max_memory_allocated() - base - outputs
     assert extra_bwd < 256 * 2**20, f"backward peak extra (beyond dxhat, dwhat) {extra_bwd / 2**20:.1f} MB"
+    del dxhat, dwhat
+
+    # what a training step runs: dW finished per chunk, in W's dtype (no C x D fp32 dwhat at all)
+    wargs = bwd + (torch.zeros(x.shape[0], dtype=torch.int64, device="cuda"), torch.zeros(x.shape, device="cuda"),
+                   True, 1e-12)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dxhat, dw, _, _ = torch.ops.mvloss.triton_neg_backward_w(*wargs)
+    torch.cuda.synchronize()
+    assert dw.dtype == w.dtype
+    outputs = dxhat.numel() * dxhat.element_size() + dw.numel() * dw.element_size()
+    extra_w = torch.cuda.max_memory_allocated() - base - outputs
+    assert extra_w < 256 * 2**20, f"fused backward peak extra (beyond dxhat, dW) {extra_w / 2**20:.1f} MB"
 
 
 @gpu
