@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep bench}"
+STAGES="${STAGES:-tests other timings sweep bench}"   # also: subset (a few GPU tests)
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -62,12 +62,25 @@ for r in json.load(open(sys.argv[1])):
     print(r["kernel"], f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" if "ms" in r else r.get("error"), cfg)
 EOF
 fi
+if has subset; then
+  stamp "GPU test subset"
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${SUBSET_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_triton.py \
+    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16" \
+    > "$OUT/tests_subset.log" 2>&1
+  tail -n 4 "$OUT/tests_subset.log"
+fi
 if has bench; then
   stamp "bench grid"
+  # optional comparators (Cut Cross-Entropy, Liger) travel as wheels in .whl (no network on the GPU machine)
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
   mkdir -p bench_out
   timeout "${BENCH_TIMEOUT:-200}" "$PY" -m mvloss.bench --loss mv_arc normface --dtype bf16 --B 1024 --D 512 \
-    --C 100000 1000000 --budget 1 --out bench_out > "$OUT/bench.log" 2>&1
-  tail -n 30 "$OUT/bench.log"
+    --C 100000 1000000 --passes fwd+bwd --budget 1 --no-plots --out bench_out \
+    ${BENCH_METHODS:+--methods $BENCH_METHODS} > "$OUT/bench.log" 2>&1
+  grep "^row " "$OUT/bench.log" | tail -n 30
   tar czf "$OUT/bench_out.tgz" bench_out
 fi
 stamp "done"

@@ -6,6 +6,7 @@
 
 Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
+  triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
   chunked     the pure-PyTorch chunked backend (same loss);
@@ -109,6 +110,20 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         ms_s = timed(loss_step(backend))
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
+
+    # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
+    # mode pays for in host time
+    if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1":
+        compiled = torch.compile(lambda x, w, y: F.arcface_loss(x, w, y, backend="triton", **kw), fullgraph=True)
+
+        def compiled_step():
+            x.grad = None
+            w.grad = None
+            compiled(x, w, y).backward()
+
+        ms_c = timed(compiled_step)
+        rec["triton_compiled"] = dict(fwd_bwd_ms=ms_c, fwd_bwd_tflops=step_flops / ms_c / 1e9,
+                                      peak_mb=peak(compiled_step))
 
     # the bare ops (no normalisation backward, no target side)
     xd, wd = x.detach(), w.detach()
@@ -235,6 +250,8 @@ def main(argv=None) -> int:
                       f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} bwd {o['bwd_ms']:.2f} bwd_w "
                       f"{o['bwd_w_ms']:.2f} ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
                       f"{o['recompute_dw_ms']:.2f}) | "
+                      + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
+                         else "")
                       + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
                       + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
                       f"(x{gm['triton_over_gemms']:.2f})"

@@ -113,6 +113,9 @@ def run_grid(args, device: torch.device) -> list[dict]:
         else:
             row = runner.measure_isolated(case, args.budget)
         rows.append(row)
+        # one line per case as it is measured: a run stopped by a time limit still leaves its numbers in the log
+        print("row " + json.dumps({k: row.get(k) for k in ("method", "loss", "dtype", "B", "C", "D", "pass", "ms",
+                                                           "tflops", "peak_extra_mb", "status")}), flush=True)
     add_floor_ratios(rows)
     return rows
 
