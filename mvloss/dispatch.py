@@ -19,9 +19,9 @@ class CallSpec:
 
     device: torch.device
     dtype: torch.dtype
-    batch: int
-    num_classes: int
-    dim: int
+    batch: Optional[int]          # None under torch.compile (the sizes may be symbolic there)
+    num_classes: Optional[int]
+    dim: Optional[int]
     has_bias: bool
     scale_requires_grad: bool
     bias_requires_grad: bool
@@ -94,7 +94,15 @@ def backends() -> list[dict]:
 def select(requested: str, spec: CallSpec) -> Backend:
     """The backend that runs this call; a clear error when an explicitly requested one cannot."""
     # Field by field: dataclasses.astuple deep-copies, which dynamo (torch 2.11) cannot trace on a torch.device.
-    return _REGISTRY[_select_name(requested, *(getattr(spec, f.name) for f in dataclasses.fields(spec)))]
+    # Under torch.compile the sizes may be symbolic (dynamic shapes after a recompile) and cannot feed a constant
+    # choice: there a backend sees None for batch / num_classes / dim (no built-in backend decides on sizes).
+    compiling = torch.compiler.is_compiling()
+    fields = [None if compiling and f.name in _SIZE_FIELDS else getattr(spec, f.name)
+              for f in dataclasses.fields(spec)]
+    return _REGISTRY[_select_name(requested, *fields)]
+
+
+_SIZE_FIELDS = ("batch", "num_classes", "dim")
 
 
 @torch.compiler.assume_constant_result
