@@ -629,6 +629,6 @@ def test_triton_no_memory_growth_over_1000_steps():
 def test_triton_env_vars_documented():
     readme = os.path.join(os.path.dirname(mvloss.__file__), "triton", "README.md")
     text = open(readme).read()
-    for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS",
-                "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS"):
+    for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS", "MVLOSS_TRITON_BACKWARD",
+                "MVLOSS_TRITON_WORKSPACE_ELEMS", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS"):
         assert var in text
