@@ -21,7 +21,8 @@ from .negatives import compute_dtype
 def _scalar_tensor(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=dtype).reshape(())
-    return torch.tensor(float(value), device=like.device, dtype=dtype)
+    # a fill on the device, not torch.tensor: that copies from pageable host memory, a stall on every CUDA step
+    return torch.full((), float(value), device=like.device, dtype=dtype)
 
 
 def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:
