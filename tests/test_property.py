@@ -11,7 +11,10 @@ from families import FAMILIES, needs_unit_features
 def configs(draw):
     B = draw(st.integers(1, 12))
     C = draw(st.integers(1, 40))
-    D = draw(st.integers(1, 9))
+    # D >= 2: with D = 1 every cosine is exactly +-1, so a negative ties its row's mask threshold and one ulp (the
+    # fused backends scale by 1/||w||, the reference divides by ||w||, as F.normalize does) decides whether it is
+    # "hard": a discontinuity of the loss itself, not an error of either
+    D = draw(st.integers(2, 9))
     family = draw(st.sampled_from(sorted(FAMILIES)))
     kw = dict(FAMILIES[family])
     kw["reduction"] = draw(st.sampled_from(["mean", "sum", "none"]))
@@ -23,7 +26,8 @@ def configs(draw):
     return B, C, D, kw, seed, ignored
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True)  # the same examples on every run: CI is reproducible
 @given(configs())
 def test_chunked_equals_reference_on_random_configs(cfg):
     B, C, D, kw, seed, ignored = cfg
