@@ -23,6 +23,9 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
     """d/dt of t / max(||t||, eps), given the gradient w.r.t. the normalised rows (fp32 math, in row blocks)."""
     if not normalize:
         return dhat.to(t.dtype)
+    fused = _one_pass_norm_backward(dhat, t, inv, eps)
+    if fused is not None:
+        return fused
     dt = dhat.dtype if dhat.dtype == torch.float64 else torch.float32
     out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
     block = NORM_BLOCK_ELEMS.get(t.device.type, NORM_BLOCK_ELEMS_DEFAULT)
@@ -36,6 +39,22 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
         above = (1.0 / rinv) > eps
         out[r0:r1] = (torch.where(above, projected, d) * rinv).to(t.dtype)
     return out
+
+
+def _one_pass_norm_backward(dhat, t, inv, eps):
+    """Eager CUDA tensors: the same map in one Triton kernel (one read of dhat and t, one write; the block loop above
+    is about ten launches and passes per block).  None where it does not apply: CPU, fp64, no Triton, very wide
+    rows, or under torch.compile (Inductor fuses the PyTorch ops itself)."""
+    if not dhat.is_cuda or torch.float64 in (dhat.dtype, t.dtype) or torch.compiler.is_compiling():
+        return None
+    try:
+        from .triton import norm_backward
+    except Exception:  # Triton missing or broken: the PyTorch path
+        return None
+    if not norm_backward.supports(t.shape[1]):
+        return None
+    out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
+    return norm_backward.launch(dhat, t, inv.to(torch.float32), eps, True, out)
 
 
 def target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
@@ -77,9 +96,10 @@ class NegativesFunction(torch.autograd.Function):
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
                                     bool(clamp), **kwargs)
-        xhat, what_y, _, _ = target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
+        xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
         cos_y = (xhat * what_y).sum(1)
-        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse)
+        # the target rows ride to the backward (2 x B x D): not gathered and normalised a second time
+        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
         return lse, zsum, cos_y
 
@@ -90,7 +110,7 @@ class NegativesFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_lse, g_sum, g_cos):
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
         g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
@@ -104,7 +124,6 @@ class NegativesFunction(torch.autograd.Function):
         if g_cos is not None:  # the target column: O(B*D), in place
             dt = x_inv.dtype
             dxhat, dwhat = dxhat.to(dt), dwhat.to(dt)
-            xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
             g = g_cos.to(dt) * has
             dxhat = dxhat + g[:, None] * what_y
             dwhat.index_add_(0, safe, g[:, None] * xhat)
@@ -117,15 +136,13 @@ class NegativesFunction(torch.autograd.Function):
     def _backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias):
         """Same gradients, for a backend that finishes dW itself (Backend.backward_fused_w): it gets the target rows
         g_cos_i * x-hat_i to add at class y_i before the normalisation backward, and returns dW in W's dtype."""
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         dt = x_inv.dtype
         if g_cos is not None:
-            xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, dt)
             g = g_cos.to(dt) * has
             rows = g[:, None] * xhat
         else:
-            safe = torch.zeros_like(labels)
             rows = torch.zeros(x.shape, dtype=dt, device=x.device)
         dxhat, dw, dscale, dbias = backend.backward_fused_w(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
