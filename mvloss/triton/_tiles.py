@@ -59,6 +59,25 @@ def treat_grad(c, param, TREATMENT: tl.constexpr):
 
 
 @triton.jit
+def row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask):
+    """The row tile's inverse norms, mask thresholds, scales and labels (-1 outside the batch: matches no class)."""
+    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    return xinv, thr, scale, lab
+
+
+@triton.jit
+def row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask):
+    """The row tile's forward lse and upstream gradients of lse and of the logit sum (the backward's inputs)."""
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
+    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    return lse, g_lse, g_sum
+
+
+@triton.jit
 def column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS: tl.constexpr):
     """The class tile's inverse norms and bias (the inverse norms stand in for an absent bias)."""
     winv = tl.load(w_inv_ptr + cols, mask=cmask, other=0.0)

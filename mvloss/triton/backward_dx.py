@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, dc_scale, dlogit_tile, logit_tile, negatives_mask
+from ._tiles import (column_vectors, cos_tile, dc_scale, dlogit_tile, logit_tile,
+                     negatives_mask, row_grads, row_vectors)
 
 
 @triton.jit
@@ -27,13 +28,8 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
-    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
-    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
-    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcols < D
     dcols64 = dcols.to(tl.int64)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _config, norm_backward
-from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask
+from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
 
 
 @triton.jit
@@ -45,13 +45,8 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     cols = c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < c1
     cols64 = cols.to(tl.int64)
-    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
-    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
-    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
 
     acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                    BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, logit_tile, negatives_mask
+from ._tiles import column_vectors, cos_tile, logit_tile, negatives_mask, row_vectors
 
 
 @triton.jit
@@ -27,10 +27,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
-    xinv = tl.load(x_inv_ptr + rows, mask=rmask, other=0.0)
-    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
 
     run_m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     run_s = tl.zeros((BLOCK_B,), dtype=tl.float32)
