@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep bench}"   # also: subset (a few GPU tests)
+STAGES="${STAGES:-tests other timings sweep bench largest}"   # also: subset (a few GPU tests)
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -82,6 +82,13 @@ if has bench; then
     ${BENCH_METHODS:+--methods $BENCH_METHODS} > "$OUT/bench.log" 2>&1
   grep "^row " "$OUT/bench.log" | tail -n 30
   tar czf "$OUT/bench_out.tgz" bench_out
+fi
+if has largest; then
+  stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"
+  timeout "${LARGEST_TIMEOUT:-240}" "$PY" -m mvloss.bench --largest-c --loss mv_arc --dtype bf16 --B 1024 --D 512 \
+    --C 100000 --passes fwd+bwd --budget 0.5 --no-plots --out largest_out \
+    --methods ${LARGEST_METHODS:-mvloss:triton mvloss:cuda eager_head} > "$OUT/largest.log" 2>&1
+  grep "^largest " "$OUT/largest.log"
 fi
 stamp "done"
 exit 0

@@ -243,9 +243,11 @@ def main(argv=None) -> int:
     extra = []
     if args.largest_c:
         if device.type == "cuda":
-            extra = [largest_c(m, device) for m in (args.methods or GPU_METHODS)
-                     if m != "gemm_floor" and methods.unavailable(m, "mv_arc", device, torch.bfloat16,
-                                                                  1024, 100_000, 512) is None]
+            for m in args.methods or GPU_METHODS:
+                if m != "gemm_floor" and methods.unavailable(m, "mv_arc", device, torch.bfloat16,
+                                                             1024, 100_000, 512) is None:
+                    extra.append(largest_c(m, device))
+                    print("largest " + json.dumps(extra[-1]), flush=True)
         else:
             print("--largest-c searches GPU memory; skipped on CPU", file=sys.stderr)
     write_results(rows, extra, out_dir, label, command)
