@@ -47,6 +47,12 @@ def _one_pass_norm_backward(dhat, t, inv, eps):
     rows, or under torch.compile (Inductor fuses the PyTorch ops itself)."""
     if not dhat.is_cuda or torch.float64 in (dhat.dtype, t.dtype) or torch.compiler.is_compiling():
         return None
+    return one_pass_norm_backward(dhat, t, inv, eps)
+
+
+def one_pass_norm_backward(dhat, t, inv, eps):
+    """The Triton one-pass normalisation backward (any device Triton runs on), or None without Triton or for rows
+    wider than one program holds."""
     try:
         from .triton import norm_backward
     except Exception:  # Triton missing or broken: the PyTorch path
