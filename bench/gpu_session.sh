@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep bench largest}"   # also: subset (a few GPU tests)
+STAGES="${STAGES:-tests other timings sweep bench largest demo}"   # also: subset (a few GPU tests)
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -89,6 +89,12 @@ if has largest; then
     --C 100000 --passes fwd+bwd --budget 0.5 --no-plots --out largest_out \
     --methods ${LARGEST_METHODS:-mvloss:triton mvloss:cuda eager_head} > "$OUT/largest.log" 2>&1
   grep "^largest " "$OUT/largest.log"
+fi
+if has demo; then
+  stamp "demo (1M-class scale step on the GPU)"
+  timeout "${DEMO_TIMEOUT:-300}" "$PY" -m mvloss demo --out demo_out > "$OUT/demo.log" 2>&1
+  cp demo_out/results.md "$OUT/demo_results.md" 2>/dev/null
+  tail -n 12 "$OUT/demo.log" | tr '\r' '\n' | grep -v "it/s" | tail -n 10
 fi
 stamp "done"
 exit 0
