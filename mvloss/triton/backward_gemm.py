@@ -134,6 +134,10 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, **cfg)
     kernel = _config.launcher(neg_dlogits_kernel)
+    if finish_w is not None:
+        # which chunk each target row falls in, and where: computed once, not per chunk (launches cost host time)
+        target_idx = finish_w[0]
+        finish_w = (torch.div(target_idx, chunk, rounding_mode="floor"), target_idx % chunk) + tuple(finish_w[1:])
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         grid = (triton.cdiv(B, bb), triton.cdiv(c1 - c0, bc))
@@ -149,7 +153,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         if finish_w is None:
             dwhat[c0:c1] = dw_c
         else:
-            _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w)
+            _finish_chunk(dw_c, c0 // chunk, c0, c1, chunk, w, w_inv, *finish_w)
         del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
         if need_dscale:
             dscale += ds_part[: grid[1]].sum(0)
@@ -157,15 +161,16 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
     if scale_g:
         dxhat *= row_n[:, None]
-    return dxhat, (dwhat if finish_w is None else finish_w[2]), dscale, dbias
+    return dxhat, (dwhat if finish_w is None else finish_w[3]), dscale, dbias
 
 
-def _finish_chunk(dw_c, c0, c1, w, w_inv, target_idx, target_rows, w_out, normalize_w, eps):
-    """dwhat of one chunk + the target rows whose label is in it, then the normalisation backward into w_out."""
-    inside = (target_idx >= c0) & (target_idx < c1)
-    # every row takes part (no data-dependent shapes under torch.compile); rows outside the chunk add zero at 0
-    dw_c.index_add_(0, torch.where(inside, target_idx - c0, torch.zeros_like(target_idx)),
-                    target_rows * inside[:, None])
+def _finish_chunk(dw_c, k, c0, c1, full, w, w_inv, target_chunk, target_local, target_rows, w_out, normalize_w,
+                  eps):
+    """dwhat of chunk k + the target rows whose label is in it, then the normalisation backward into w_out."""
+    # every row takes part (no data-dependent shapes under torch.compile); rows of other chunks add zeros, at an
+    # index kept inside this chunk (the last chunk may be shorter than a full one)
+    index = target_local if c1 - c0 == full else target_local.clamp(max=c1 - c0 - 1)
+    dw_c.index_add_(0, index, target_rows * (target_chunk == k)[:, None])
     if norm_backward.supports(dw_c.shape[1]):
         norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1])
     else:
