@@ -1,6 +1,9 @@
 """The autograd glue shared by every fused backend: inverse norms, the negatives pass, the normalisation backward."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from .negatives import compute_dtype, inverse_norms
@@ -63,6 +66,49 @@ def one_pass_norm_backward(dhat, t, inv, eps):
     return norm_backward.launch(dhat, t, inv.to(torch.float32), eps, True, out)
 
 
+def w_grad_chunk_bytes() -> int:
+    """Above this many bytes of fp32 weight gradient (C x D x 4), a backend without its own fused dW runs its backward
+    class chunk by class chunk (``backward_w_by_chunks``); default 256 MB."""
+    return int(os.environ.get("MVLOSS_W_GRAD_CHUNK_BYTES", 256 << 20))
+
+
+def _chunk_w_grad(w: torch.Tensor) -> bool:
+    return w.shape[0] * w.shape[1] * 4 > w_grad_chunk_bytes()
+
+
+def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum,
+                         treatment, param, clamp, need_dscale, need_dbias, target_idx, target_rows_, normalize_w,
+                         eps, **kwargs):
+    """Any backend's backward, class chunk by class chunk, each chunk's dwhat finished at once into dW (target rows,
+    normalisation backward, W's dtype): the same result as one call, with fp32 buffers of one chunk, not C x D.
+    Same signature and return as ``Backend.backward_fused_w``."""
+    C, D = w.shape
+    dt = x_inv.dtype
+    step = max(1, w_grad_chunk_bytes() // (4 * max(D, 1)))
+    w_out = torch.empty_like(w)
+    dxhat = dscale = None
+    dbias = torch.empty(C, dtype=dt, device=w.device) if need_dbias else None
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        inside = (labels >= c0) & (labels < c1)
+        local = torch.where(inside, labels - c0, torch.full_like(labels, -1))
+        dxh, dwh, ds, db = backend_backward(
+            x, w[c0:c1], x_inv, w_inv[c0:c1], local, thr, scale, None if bias is None else bias[c0:c1], lse, g_lse,
+            g_sum, treatment, param, clamp, need_dscale, need_dbias, **kwargs)
+        dxhat = dxh.to(dt) if dxhat is None else dxhat + dxh.to(dt)
+        if need_dscale:
+            dscale = ds if dscale is None else dscale + ds
+        if need_dbias:
+            dbias[c0:c1] = db
+        t_in = (target_idx >= c0) & (target_idx < c1)
+        dwh = dwh.to(dt)
+        # every row takes part (no data-dependent shapes under torch.compile); rows of other chunks add zeros at 0
+        dwh.index_add_(0, torch.where(t_in, target_idx - c0, torch.zeros_like(target_idx)),
+                       target_rows_ * t_in[:, None])
+        w_out[c0:c1] = normalization_backward(dwh, w[c0:c1], w_inv[c0:c1], eps, normalize_w)
+    return dxhat, w_out, dscale, dbias
+
+
 def target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
     """x-hat and w-hat at each row's target class (zero rows where the label is -1), in dtype ``dt``."""
     has = labels >= 0
@@ -122,7 +168,7 @@ class NegativesFunction(torch.autograd.Function):
         g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
         need_dscale = ctx.needs_input_grad[2]
         need_dbias = bias is not None and ctx.needs_input_grad[3]
-        if backend.backward_fused_w is not None and ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and (backend.backward_fused_w is not None or _chunk_w_grad(w)):
             return NegativesFunction._backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias)
         dxhat, dwhat, dscale, dbias = backend.backward(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
@@ -140,8 +186,9 @@ class NegativesFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias):
-        """Same gradients, for a backend that finishes dW itself (Backend.backward_fused_w): it gets the target rows
-        g_cos_i * x-hat_i to add at class y_i before the normalisation backward, and returns dW in W's dtype."""
+        """Same gradients, with dW finished per class chunk: by the backend itself (Backend.backward_fused_w) or, for
+        a large W, by ``backward_w_by_chunks``.  It gets the target rows g_cos_i * x-hat_i to add at class y_i before
+        the normalisation backward, and returns dW in W's dtype."""
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         dt = x_inv.dtype
@@ -150,7 +197,8 @@ class NegativesFunction(torch.autograd.Function):
             rows = g[:, None] * xhat
         else:
             rows = torch.zeros(x.shape, dtype=dt, device=x.device)
-        dxhat, dw, dscale, dbias = backend.backward_fused_w(
+        fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward)
+        dxhat, dw, dscale, dbias = fused(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
             treatment, param, clamp, need_dscale, need_dbias, safe, rows, normalize_w, eps, **kwargs)
         dx = None
