@@ -72,6 +72,15 @@ def treatment_derivative(c: torch.Tensor, treatment: int, param: float) -> torch
     raise ValueError(f"unknown treatment {treatment}")
 
 
+def treatment_derivative_bound(treatment: int, param: float) -> float:
+    """max |h'| over cos in [-1, 1], unmasked entries (h' = 1) included: a bound of |dc| / (|dz| s)."""
+    if treatment == Treatment.ADAPTIVE:
+        return max(abs(param + 1.0), 1.0)
+    if treatment == Treatment.CURRICULAR:
+        return max(abs(param) + 2.0, 1.0)
+    return 1.0
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype of all arithmetic after loading: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..negatives import treatment_derivative_bound
 from . import _config
 from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
 
@@ -70,13 +71,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
 def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
     """max_i of the per-row bound of |dc| (see _tiles.dc_scale), a 1-element fp32 tensor (1 when it is 0); no
     host sync."""
-    if treatment == 2:
-        hmax = max(abs(param + 1.0), 1.0)
-    elif treatment == 3:
-        hmax = max(abs(param) + 2.0, 1.0)
-    else:
-        hmax = 1.0
-    n = ((g_lse.abs() + g_sum.abs()) * scale.abs()).amax().reshape(1) * hmax
+    n = ((g_lse.abs() + g_sum.abs()) * scale.abs()).amax().reshape(1) * treatment_derivative_bound(treatment, param)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward
 from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
 
@@ -73,13 +74,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
     """Per row, a bound of |dc_ik| over k (see _tiles.dc_scale): (|g_lse| + |g_sum|) |s| max|h'|; 1 where it is 0."""
-    if treatment == 2:
-        hmax = max(abs(param + 1.0), 1.0)
-    elif treatment == 3:
-        hmax = max(abs(param) + 2.0, 1.0)
-    else:
-        hmax = 1.0
-    n = (g_lse.abs() + g_sum.abs()) * scale.abs() * hmax
+    n = (g_lse.abs() + g_sum.abs()) * scale.abs() * treatment_derivative_bound(treatment, param)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 
