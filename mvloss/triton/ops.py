@@ -30,6 +30,12 @@ def _vec(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum):
+    """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors."""
+    return (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
+            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+
+
 @triton_op("mvloss::triton_neg_forward", mutates_args=())
 def triton_neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                        labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -54,8 +60,7 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
     x, w = _operands(x, w)
     B, D = x.shape
     C = w.shape[0]
-    args = (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
-            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+    args = _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum)
     if B == 0:
         dxhat = torch.zeros((0, D), dtype=torch.float32, device=x.device)
         dwhat = torch.zeros((C, D), dtype=torch.float32, device=x.device)
@@ -84,8 +89,7 @@ def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor,
     x, w = _operands(x, w)
     B, D = x.shape
     C = w.shape[0]
-    args = (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
-            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+    args = _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum)
     need_dbias = need_dbias and bias is not None
     finish = (target_idx.to(torch.int64), target_rows.to(torch.float32), w_out, bool(normalize_w), float(eps))
     if B == 0:
