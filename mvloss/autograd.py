@@ -30,7 +30,7 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
     if fused is not None:
         return fused
     dt = dhat.dtype if dhat.dtype == torch.float64 else torch.float32
-    out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
+    out = _grad_out(dhat, t)
     block = NORM_BLOCK_ELEMS.get(t.device.type, NORM_BLOCK_ELEMS_DEFAULT)
     step = max(1, block // max(t.shape[1], 1))
     for r0 in range(0, t.shape[0], step):
@@ -62,8 +62,12 @@ def one_pass_norm_backward(dhat, t, inv, eps):
         return None
     if not norm_backward.supports(t.shape[1]):
         return None
-    out = dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
-    return norm_backward.launch(dhat, t, inv.to(torch.float32), eps, True, out)
+    return norm_backward.launch(dhat, t, inv.to(torch.float32), eps, True, _grad_out(dhat, t))
+
+
+def _grad_out(dhat, t):
+    """Where the normalisation backward writes: over dhat when it can hold the result, else a tensor like t."""
+    return dhat if (dhat.dtype == t.dtype and dhat.is_contiguous()) else torch.empty_like(t)
 
 
 def w_grad_chunk_bytes() -> int:
@@ -85,6 +89,7 @@ def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scal
     C, D = w.shape
     dt = x_inv.dtype
     step = max(1, w_grad_chunk_bytes() // (4 * max(D, 1)))
+    target_chunk, target_local = target_rows_by_chunk(target_idx, step)
     w_out = torch.empty_like(w)
     dxhat = dscale = None
     dbias = torch.empty(C, dtype=dt, device=w.device) if need_dbias else None
@@ -100,13 +105,25 @@ def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scal
             dscale = ds if dscale is None else dscale + ds
         if need_dbias:
             dbias[c0:c1] = db
-        t_in = (target_idx >= c0) & (target_idx < c1)
         dwh = dwh.to(dt)
-        # every row takes part (no data-dependent shapes under torch.compile); rows of other chunks add zeros at 0
-        dwh.index_add_(0, torch.where(t_in, target_idx - c0, torch.zeros_like(target_idx)),
-                       target_rows_ * t_in[:, None])
+        add_target_rows(dwh, c0 // step, step, target_chunk, target_local, target_rows_)
         w_out[c0:c1] = normalization_backward(dwh, w[c0:c1], w_inv[c0:c1], eps, normalize_w)
     return dxhat, w_out, dscale, dbias
+
+
+def target_rows_by_chunk(target_idx, chunk: int):
+    """(chunk number, offset in it) of each target row's class, for a backward that walks classes by ``chunk``:
+    computed once per backward, not per chunk (launches cost host time)."""
+    return torch.div(target_idx, chunk, rounding_mode="floor"), target_idx % chunk
+
+
+def add_target_rows(dw_c, k: int, chunk: int, target_chunk, target_local, rows):
+    """dw_c (the dwhat rows of class chunk k) += each target row whose class lies in that chunk."""
+    # every row takes part (no data-dependent shapes under torch.compile); rows of other chunks add zeros, at an
+    # index kept inside this chunk (the last chunk may be shorter than a full one)
+    n = dw_c.shape[0]
+    index = target_local if n == chunk else target_local.clamp(max=n - 1)
+    dw_c.index_add_(0, index, rows * (target_chunk == k)[:, None])
 
 
 def target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..autograd import add_target_rows, normalization_backward, target_rows_by_chunk
 from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward
 from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
@@ -130,9 +131,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, **cfg)
     kernel = _config.launcher(neg_dlogits_kernel)
     if finish_w is not None:
-        # which chunk each target row falls in, and where: computed once, not per chunk (launches cost host time)
-        target_idx = finish_w[0]
-        finish_w = (torch.div(target_idx, chunk, rounding_mode="floor"), target_idx % chunk) + tuple(finish_w[1:])
+        finish_w = target_rows_by_chunk(finish_w[0], chunk) + tuple(finish_w[1:])
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         grid = (triton.cdiv(B, bb), triton.cdiv(c1 - c0, bc))
@@ -162,13 +161,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
 def _finish_chunk(dw_c, k, c0, c1, full, w, w_inv, target_chunk, target_local, target_rows, w_out, normalize_w,
                   eps):
     """dwhat of chunk k + the target rows whose label is in it, then the normalisation backward into w_out."""
-    # every row takes part (no data-dependent shapes under torch.compile); rows of other chunks add zeros, at an
-    # index kept inside this chunk (the last chunk may be shorter than a full one)
-    index = target_local if c1 - c0 == full else target_local.clamp(max=c1 - c0 - 1)
-    dw_c.index_add_(0, index, target_rows * (target_chunk == k)[:, None])
+    add_target_rows(dw_c, k, full, target_chunk, target_local, target_rows)
     if norm_backward.supports(dw_c.shape[1]):
         norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1])
     else:
-        from ..autograd import normalization_backward
-
         w_out[c0:c1] = normalization_backward(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w)
