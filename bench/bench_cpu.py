@@ -23,28 +23,12 @@ DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "cpu_backend.json")
 BACKENDS = ("reference", "chunked", "cpu")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(args) -> dict:
     import torch
 
     import mvloss
     from mvloss import functional as F
+    from mvloss.bench.runner import proc_status_kb, reset_peak_rss
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -67,12 +51,12 @@ def worker(args) -> dict:
                           **kw).backward()
     import gc
     gc.collect()
-    rss_before = _status_kb("VmRSS")
-    reset_ok = _reset_peak()
+    rss_before = proc_status_kb("VmRSS")
+    reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
     loss, gx, gw = step()
     first = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
+    peak = proc_status_kb("VmHWM")
     extra_mb = (peak - rss_before) / 1024 if reset_ok else float("nan")
     del gx, gw
     # the negatives pass alone (the backend's own forward + backward, without the shared autograd glue)
@@ -85,12 +69,12 @@ def worker(args) -> dict:
         scale = torch.full((args.batch,), 32.0)
         g = torch.full((args.batch,), 1.0 / args.batch)
         gc.collect()
-        rss0 = _status_kb("VmRSS")
-        if _reset_peak():
+        rss0 = proc_status_kb("VmRSS")
+        if reset_peak_rss():
             lse, _ = chosen.forward(x, w, x_inv, w_inv, y, thr, scale, None, 2, 0.2, False)
             out = chosen.backward(x, w, x_inv, w_inv, y, thr, scale, None, lse, g, torch.zeros_like(g), 2, 0.2,
                                   False, False, False)
-            op_extra_mb = (_status_kb("VmHWM") - rss0) / 1024
+            op_extra_mb = (proc_status_kb("VmHWM") - rss0) / 1024
             del out, lse
     times = []
     for _ in range(args.iters):

@@ -37,7 +37,8 @@ def gemm_floor_step(x, w, backward):
         z.T @ x
 
 
-def _proc_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
+    """A KiB field of /proc/self/status (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -45,20 +46,27 @@ def _proc_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def cpu_peak_start() -> int:
-    """Reset the process's peak RSS (Linux clear_refs) and return the RSS now, in KiB; the high-water mark of
-    ru_maxrss would otherwise still hold the transients of creating the inputs."""
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) through Linux clear_refs; False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _proc_kb("VmRSS")
+        return True
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return False
+
+
+def cpu_peak_start() -> int:
+    """Reset the process's peak RSS and return the RSS now, in KiB; the high-water mark of ru_maxrss would
+    otherwise still hold the transients of creating the inputs."""
+    if reset_peak_rss():
+        return proc_status_kb("VmRSS")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def cpu_peak_kb() -> int:
     try:
-        return _proc_kb("VmHWM")
+        return proc_status_kb("VmHWM")
     except (OSError, RuntimeError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
