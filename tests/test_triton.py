@@ -653,3 +653,13 @@ def test_triton_env_vars_documented():
     for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS", "MVLOSS_TRITON_BACKWARD",
                 "MVLOSS_TRITON_WORKSPACE_ELEMS", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS"):
         assert var in text
+
+
+@pytest.mark.parametrize("var", ["MVLOSS_TRITON_BACKWARD", "MVLOSS_TRITON_FP32_PRECISION"])
+def test_triton_bad_env_values_raise(monkeypatch, var):
+    """A misspelt choice in an environment variable is a clear ValueError naming it, not a silent default."""
+    from mvloss.triton import _config
+
+    monkeypatch.setenv(var, "fastest")
+    with pytest.raises(ValueError, match=var):
+        _config.backward_mode() if var == "MVLOSS_TRITON_BACKWARD" else _config.fp32_precision()
