@@ -1,0 +1,240 @@
+"""How many device kernels one training step of a loss launches: the host-overhead measure of an eager step.
+
+On a GPU an eager step of a fused head is bound by its launches when C is ~100k (each costs a few microseconds of
+Python and driver time; see bench/results/*/NOTES.md), so their count is tracked like a speed: on any machine,
+without a GPU, by running the step on the CPU and counting
+
+* every ATen op that launches a kernel on a CUDA device (views, ``empty`` and other metadata-only ops excluded),
+  including the ops inside mvloss's own custom ops; and
+* every Triton kernel launch (under ``TRITON_INTERPRET=1`` on the CPU).
+
+``cuda_paths=True`` makes the CPU run take the branches an eager CUDA run takes where they differ (the small Triton
+kernels of ``mvloss.autograd.triton_glue``; a half-precision GEMM with fp32 output is one op, not two casts and a
+GEMM), so the count is the one a GPU step would have.
+
+    python -m mvloss.bench.launches --backend triton --B 64 --C 3000 --D 32 --chunks 4
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ATen ops that never launch a device kernel: views, allocation without a fill, metadata; and scalar_tensor, the
+# host-side 0-d tensor a Python number becomes (torch.where(c, t, 0.0)).
+_NO_KERNEL = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape",
+    "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach",
+    "alias", "lift_fresh", "_reshape_alias", "unbind", "split", "split_with_sizes", "narrow", "view_as",
+    "expand_as", "resize_", "set_", "is_same_size", "_has_compatible_shallow_copy_type", "size", "stride",
+    "sym_size", "sym_stride", "sym_numel", "numel", "dim", "is_contiguous", "_local_scalar_dense", "clone_meta",
+    "_to_copy_meta", "unsqueeze_", "squeeze_", "as_strided_", "diagonal", "movedim", "values", "indices",
+    "result_type", "_nested_tensor_size", "prim_layout", "_conj", "conj", "_neg_view", "resolve_conj",
+    "resolve_neg", "numpy_T", "scalar_tensor", "_fw_primal", "_make_dual", "_unpack_dual", "real", "imag",
+}
+# Composite ops that reach the mode inside a custom op's body: a kernel only when they copy.
+_MAYBE_ALIAS = {"to", "contiguous", "reshape", "flatten", "type_as"}
+# Ops that make the host wait for the device (each a stall of the launch queue on a GPU).
+_SYNC = {"_local_scalar_dense", "item", "nonzero", "equal"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts kernel-launching ATen ops, and host syncs, by name; mvloss's custom ops are entered and their insides
+    counted (the op itself launches nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.syncs: collections.Counter = collections.Counter()
+        self.sites: collections.Counter = collections.Counter()  # (op, innermost mvloss line) -> count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        ns, _, short = name.partition("::")
+        if ns == "mvloss":
+            impl = _python_impl(name)
+            if impl is not None:
+                with self:
+                    return impl(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if short in _SYNC:
+            self.syncs[short] += 1
+            self.sites[(short + " (sync)", _caller())] += 1
+        elif short not in _NO_KERNEL and not (short in _MAYBE_ALIAS and _aliases(out, args[0])) and \
+                not _empty(out):
+            self.ops[short] += 1
+            self.sites[(short, _caller())] += 1
+        return out
+
+
+def _caller(depth: int = 2) -> str:
+    """file:line of the innermost frame in mvloss outside this module."""
+    import sys
+
+    frame = sys._getframe(depth)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/mvloss/" in path and not path.endswith("/bench/launches.py"):
+            return f"{path.rsplit('/mvloss/', 1)[1]}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
+def _empty(out) -> bool:
+    """An op whose tensor outputs are all empty launches nothing."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+    return bool(tensors) and all(o.numel() == 0 for o in tensors)
+
+
+def _aliases(out, inp) -> bool:
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)
+            and out.untyped_storage().data_ptr() == inp.untyped_storage().data_ptr())
+
+
+def _python_impl(name: str) -> Callable | None:
+    """The Python body of a ``torch.library.triton_op`` / ``custom_op`` (None for a C++ op)."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(name)
+    return None if opdef is None else opdef._init_fn
+
+
+@contextlib.contextmanager
+def _counting_triton(counts: collections.Counter):
+    """Counts each Triton kernel launch by kernel name (the interpreter's and the compiled launcher alike)."""
+    patched = []
+    try:
+        from triton.runtime import interpreter, jit
+    except Exception:
+        yield
+        return
+    for cls, attr in ((interpreter.InterpretedFunction, "run"), (jit.JITFunction, "run")):
+        original = getattr(cls, attr)
+
+        def run(self, *args, __original=original, **kwargs):
+            fn = getattr(self, "fn", None)
+            counts[getattr(fn, "__name__", "triton_kernel")] += 1
+            with _uncounted():  # the interpreter's own tensor copies are not launches
+                return __original(self, *args, **kwargs)
+
+        setattr(cls, attr, run)
+        patched.append((cls, attr, original))
+    try:
+        yield
+    finally:
+        for cls, attr, original in patched:
+            setattr(cls, attr, original)
+
+
+@contextlib.contextmanager
+def _cuda_paths():
+    """The CPU run takes the eager-CUDA branches: ``mvloss.autograd.triton_glue`` holds for CPU tensors too, and each
+    GEMM of the Triton backward counts as the one op it is on a GPU (fp32 output, accumulation into dxhat); the
+    CPU has no half GEMM with fp32 output, so there it is computed uncounted and counted once)."""
+    from .. import autograd
+    from ..triton import backward_gemm
+
+    old = autograd.triton_glue, backward_gemm._mm32, backward_gemm._addmm32_
+
+    def glue(t):
+        return t.dtype != torch.float64 and not torch.compiler.is_compiling()
+
+    def one_gemm(name, fn):
+        def run(*args):
+            with _uncounted() as counter:
+                out = fn(*args)
+            if counter is not None:
+                counter.ops[name] += 1
+                counter.sites[(name, _caller(1))] += 1
+            return out
+        return run
+
+    autograd.triton_glue = glue
+    backward_gemm._mm32, backward_gemm._addmm32_ = one_gemm("mm", old[1]), one_gemm("addmm", old[2])
+    try:
+        yield
+    finally:
+        autograd.triton_glue, backward_gemm._mm32, backward_gemm._addmm32_ = old
+
+
+@contextlib.contextmanager
+def _uncounted():
+    """Suspends the LaunchCounter on top of the mode stack (if any) for the enclosed code."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    mode = _get_current_dispatch_mode()
+    if isinstance(mode, LaunchCounter):
+        with _pop_mode_temporarily():
+            yield mode
+    else:
+        yield None
+
+
+def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
+    """Runs ``step`` (forward and backward) once and returns {"aten": n, "triton": n, "total": n, "syncs": n,
+    "by_op": {...}}."""
+    counter = LaunchCounter()
+    triton_counts: collections.Counter = collections.Counter()
+    paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
+    with paths, _counting_triton(triton_counts), counter:
+        step()
+    by_op = dict(counter.ops)
+    by_op.update({f"triton:{k}": v for k, v in triton_counts.items()})
+    aten, trit = sum(counter.ops.values()), sum(triton_counts.values())
+    sites = {f"{op} @ {where}": n for (op, where), n in counter.sites.items()}
+    return {"aten": aten, "triton": trit, "total": aten + trit, "syncs": sum(counter.syncs.values()),
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "by_site": dict(sorted(sites.items(), key=lambda kv: kv[0].split(" @ ")[1]))}
+
+
+def training_step(backend: str, B: int, C: int, D: int, dtype=torch.bfloat16, loss: str = "mv_arc", seed: int = 0):
+    """A forward + backward of the benchmark's loss on fresh CPU inputs, as a closure."""
+    from .methods import make
+    from .runner import make_inputs
+
+    x, w, y = make_inputs(B, C, D, dtype, torch.device("cpu"), seed=seed)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    fn = make(f"mvloss:{backend}", loss)
+
+    def step():
+        fn(x, w, y).backward()
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="triton")
+    p.add_argument("--loss", default="mv_arc")
+    p.add_argument("--B", type=int, default=64)
+    p.add_argument("--C", type=int, default=3000)
+    p.add_argument("--D", type=int, default=32)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--chunks", type=int, default=4, help="class chunks of the Triton backward (4 = C 100k, B 1024)")
+    p.add_argument("--no-cuda-paths", action="store_true")
+    p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    per_chunk = -(-args.C // args.chunks)
+    os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(args.B * (-(-per_chunk // 256) * 256))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
+    step()  # warm: compiles, caches
+    result = count_step(step, cuda_paths=not args.no_cuda_paths)
+    print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks}: "
+          f"{result['total']} launches ({result['aten']} ATen, {result['triton']} Triton), {result['syncs']} syncs")
+    for name, n in result["by_site" if args.sites else "by_op"].items():
+        print(f"  {n:4d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
