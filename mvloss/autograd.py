@@ -9,10 +9,30 @@ import torch
 from .negatives import compute_dtype, inverse_norms
 
 
+def triton_glue(t: torch.Tensor) -> bool:
+    """Whether small Triton kernels replace chains of PyTorch ops around the negatives pass: for eager CUDA tensors
+    (not fp64, not under torch.compile, which fuses the PyTorch ops itself).  On a GPU each op is a launch, a few
+    microseconds of host time, and at C ~ 100k an eager step is bound by them (bench/results/*/NOTES.md)."""
+    return t.is_cuda and t.dtype != torch.float64 and not torch.compiler.is_compiling()
+
+
 def _inv_norms(t: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype) -> torch.Tensor:
     if normalize:
         return inverse_norms(t, eps).to(dtype)
     return torch.ones(t.shape[0], dtype=dtype, device=t.device)
+
+
+def inv_norms_pair(x, w, normalize_x: bool, normalize_w: bool, eps: float, dtype: torch.dtype):
+    """(x_inv, w_inv): 1 / max(||row||, eps) where normalised, else ones, in ``dtype``; with ``triton_glue`` and both
+    normalised, one Triton kernel for both (eight PyTorch ops otherwise)."""
+    if normalize_x and normalize_w and dtype == torch.float32 and triton_glue(x):
+        try:
+            from .triton.inv_norm import inverse_norms_pair
+        except Exception:  # Triton missing or broken: the PyTorch path
+            inverse_norms_pair = None
+        if inverse_norms_pair is not None:
+            return inverse_norms_pair(x, w, eps)
+    return _inv_norms(x, normalize_x, eps, dtype), _inv_norms(w, normalize_w, eps, dtype)
 
 
 # Elements per block of the normalisation backward: its fp32 temporaries stay bounded whatever C is (a few MB on
@@ -45,10 +65,9 @@ def normalization_backward(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tenso
 
 
 def _one_pass_norm_backward(dhat, t, inv, eps):
-    """Eager CUDA tensors: the same map in one Triton kernel (one read of dhat and t, one write; the block loop above
-    is about ten launches and passes per block).  None where it does not apply: CPU, fp64, no Triton, very wide
-    rows, or under torch.compile (Inductor fuses the PyTorch ops itself)."""
-    if not dhat.is_cuda or torch.float64 in (dhat.dtype, t.dtype) or torch.compiler.is_compiling():
+    """With ``triton_glue``: the same map in one Triton kernel (one read of dhat and t, one write; the block loop
+    above is about ten launches and passes per block).  None where it does not apply: no Triton, or very wide rows."""
+    if not (triton_glue(dhat) and triton_glue(t)):
         return None
     return one_pass_norm_backward(dhat, t, inv, eps)
 
@@ -80,33 +99,36 @@ def _chunk_w_grad(w: torch.Tensor) -> bool:
     return w.shape[0] * w.shape[1] * 4 > w_grad_chunk_bytes()
 
 
-def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum,
-                         treatment, param, clamp, need_dscale, need_dbias, target_idx, target_rows_, normalize_w,
-                         eps, **kwargs):
+def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos,
+                         treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs):
     """Any backend's backward, class chunk by class chunk, each chunk's dwhat finished at once into dW (target rows,
     normalisation backward, W's dtype): the same result as one call, with fp32 buffers of one chunk, not C x D.
     Same signature and return as ``Backend.backward_fused_w``."""
     C, D = w.shape
     dt = x_inv.dtype
     step = max(1, w_grad_chunk_bytes() // (4 * max(D, 1)))
-    target_chunk, target_local = target_rows_by_chunk(target_idx, step)
+    has, safe = _present(labels)
+    g = g_cos.to(dt) * has
+    target_chunk, target_local = target_rows_by_chunk(safe, step)
+    rows = g[:, None] * (x.to(dt) * x_inv[:, None])
     w_out = torch.empty_like(w)
-    dxhat = dscale = None
+    dxhat = g[:, None] * (w[safe].to(dt) * w_inv[safe][:, None])
+    dscale = None
     dbias = torch.empty(C, dtype=dt, device=w.device) if need_dbias else None
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         inside = (labels >= c0) & (labels < c1)
-        local = torch.where(inside, labels - c0, torch.full_like(labels, -1))
+        local = torch.where(inside, labels - c0, -1)
         dxh, dwh, ds, db = backend_backward(
             x, w[c0:c1], x_inv, w_inv[c0:c1], local, thr, scale, None if bias is None else bias[c0:c1], lse, g_lse,
             g_sum, treatment, param, clamp, need_dscale, need_dbias, **kwargs)
-        dxhat = dxh.to(dt) if dxhat is None else dxhat + dxh.to(dt)
+        dxhat = dxhat + dxh.to(dt)
         if need_dscale:
             dscale = ds if dscale is None else dscale + ds
         if need_dbias:
             dbias[c0:c1] = db
         dwh = dwh.to(dt)
-        add_target_rows(dwh, c0 // step, step, target_chunk, target_local, target_rows_)
+        add_target_rows(dwh, c0 // step, step, target_chunk, target_local, rows)
         w_out[c0:c1] = normalization_backward(dwh, w[c0:c1], w_inv[c0:c1], eps, normalize_w)
     return dxhat, w_out, dscale, dbias
 
@@ -126,49 +148,58 @@ def add_target_rows(dw_c, k: int, chunk: int, target_chunk, target_local, rows):
     dw_c.index_add_(0, index, rows * (target_chunk == k)[:, None])
 
 
-def target_rows(x, w, labels, normalize_x, normalize_w, eps, dt):
-    """x-hat and w-hat at each row's target class (zero rows where the label is -1), in dtype ``dt``."""
-    has = labels >= 0
-    safe = torch.where(has, labels, torch.zeros_like(labels))
-    xhat, what_y = x.to(dt), w[safe].to(dt)
+def target_rows(x, w, safe_labels, normalize_x, normalize_w, eps, dt):
+    """(x-hat, w-hat at each row's class safe_labels_i), in dtype ``dt`` (every label must be a class)."""
+    xhat, what_y = x.to(dt), w[safe_labels].to(dt)
     # divide by the norm, as F.normalize and the reference do: near |cos_y| = 1 the margin's sqrt(1 - cos^2)
     # turns one ulp of cos_y into a visible difference
     if normalize_x:
         xhat = xhat / torch.linalg.vector_norm(xhat, dim=1, keepdim=True).clamp_min(eps)
     if normalize_w:
         what_y = what_y / torch.linalg.vector_norm(what_y, dim=1, keepdim=True).clamp_min(eps)
-    return xhat, what_y * has[:, None], has, safe
+    return xhat, what_y
+
+
+def _present(labels):
+    """(rows that have a target class (label >= 0), labels with -1 replaced by class 0)."""
+    has = labels >= 0
+    return has, torch.where(has, labels, 0)
 
 
 class NegativesFunction(torch.autograd.Function):
     """(lse_neg, zsum_neg, cos_y) of the negatives contract, differentiable in x, w, scale and bias.
 
     cos_y = x-hat_i . w-hat_{y_i} (0 where the label is -1) rides along so the target column's gradient is added into
-    the backend's dW in place (an index_add of B rows) instead of a second dense C x D gradient for W.
+    the backend's dW in place (or carried by its own GEMMs) instead of a second dense C x D gradient for W.  The
+    caller may hand in the target rows it already computed (x-hat, w-hat_y, cos_y; no graph): they are then not
+    gathered and normalised a second time.
     """
 
     @staticmethod
-    def forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
-                eps, chunk_size):
+    def forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend, treatment, param, clamp,
+                normalize_x, normalize_w, eps, chunk_size):
         # fp32 inside whatever autocast says: backends see the input dtypes and choose their own GEMM precision
         with torch.autocast(x.device.type, enabled=False):
-            return NegativesFunction._forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp,
-                                              normalize_x, normalize_w, eps, chunk_size)
+            return NegativesFunction._forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend,
+                                              treatment, param, clamp, normalize_x, normalize_w, eps, chunk_size)
 
     @staticmethod
-    def _forward(ctx, x, w, scale, bias, labels, thr, backend, treatment, param, clamp, normalize_x, normalize_w,
-                 eps, chunk_size):
+    def _forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend, treatment, param, clamp,
+                 normalize_x, normalize_w, eps, chunk_size):
         vec_dtype = compute_dtype(x)
-        x_inv = _inv_norms(x, normalize_x, eps, vec_dtype)
-        w_inv = _inv_norms(w, normalize_w, eps, vec_dtype)
+        x_inv, w_inv = inv_norms_pair(x, w, normalize_x, normalize_w, eps, vec_dtype)
         scale = scale.to(vec_dtype)
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
                                     bool(clamp), **kwargs)
-        xhat, what_y, has, safe = target_rows(x, w, labels, normalize_x, normalize_w, eps, vec_dtype)
-        cos_y = (xhat * what_y).sum(1)
-        # the target rows ride to the backward (2 x B x D): not gathered and normalised a second time
-        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe)
+        if cos_y is None:
+            has, safe = _present(labels)
+            xhat, what_y = target_rows(x, w, safe, normalize_x, normalize_w, eps, vec_dtype)
+            cos_y = (xhat * what_y).sum(1) * has
+        else:
+            cos_y = cos_y.clone()  # an output of its own, not the caller's tensor
+        # the target rows ride to the backward (2 x B x D) for backends without a fused weight gradient
+        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
         return lse, zsum, cos_y
 
@@ -179,7 +210,7 @@ class NegativesFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_lse, g_sum, g_cos):
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe = ctx.saved_tensors
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
         g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
@@ -193,36 +224,28 @@ class NegativesFunction(torch.autograd.Function):
         if g_cos is not None:  # the target column: O(B*D), in place
             dt = x_inv.dtype
             dxhat, dwhat = dxhat.to(dt), dwhat.to(dt)
+            has, safe = _present(labels)
             g = g_cos.to(dt) * has
             dxhat = dxhat + g[:, None] * what_y
             dwhat.index_add_(0, safe, g[:, None] * xhat)
         dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
-        return dx, dw, dscale, dbias, None, None, None, None, None, None, None, None, None, None
+        return (dx, dw, dscale, dbias) + (None,) * 13
 
     @staticmethod
     def _backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias):
         """Same gradients, with dW finished per class chunk: by the backend itself (Backend.backward_fused_w) or, for
-        a large W, by ``backward_w_by_chunks``.  It gets the target rows g_cos_i * x-hat_i to add at class y_i before
-        the normalisation backward, and returns dW in W's dtype."""
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y, has, safe = ctx.saved_tensors
+        a large W, by ``backward_w_by_chunks``.  Both take the target column's gradient g_cos and return dxhat and
+        dW with it included, dW through the normalisation backward in W's dtype."""
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors[:9]
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         dt = x_inv.dtype
-        if g_cos is not None:
-            g = g_cos.to(dt) * has
-            rows = g[:, None] * xhat
-        else:
-            rows = torch.zeros(x.shape, dtype=dt, device=x.device)
+        g = torch.zeros_like(lse) if g_cos is None else g_cos.to(lse.dtype)
         fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward)
         dxhat, dw, dscale, dbias = fused(
-            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
-            treatment, param, clamp, need_dscale, need_dbias, safe, rows, normalize_w, eps, **kwargs)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dxhat = dxhat.to(dt)
-            if g_cos is not None:
-                dxhat = dxhat + g[:, None] * what_y
-            dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x)
+            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype), g,
+            treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs)
+        dx = normalization_backward(dxhat.to(dt), x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
-        return dx, dw, dscale, dbias, None, None, None, None, None, None, None, None, None, None
+        return (dx, dw, dscale, dbias) + (None,) * 13

@@ -383,7 +383,7 @@ class ClassParallelHead(nn.Module):
             w_neg = self.weight
             neg_labels = torch.where(owned, local, torch.full_like(local, -1))
         scale_neg = scale
-        if scale.requires_grad and comm.active:
+        if isinstance(scale, torch.Tensor) and scale.requires_grad and comm.active:
             scale_neg = _SumGradOverRanks.apply(scale, comm)
         chosen = _loss.select_backend(x, w_neg, cfg, None, self.backend)
         if not chosen.fused:

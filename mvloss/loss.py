@@ -18,17 +18,18 @@ from .config import LossConfig
 from .negatives import compute_dtype
 
 
-def _scalar_tensor(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=dtype).reshape(())
-    # a fill on the device, not torch.tensor: that copies from pageable host memory, a stall on every CUDA step
-    return torch.full((), float(value), device=like.device, dtype=dtype)
+def _scale_vector(scale, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The scale per row, (n,) in the compute dtype: from a number (one fill on the device; torch.tensor would copy
+    from pageable host memory, a stall on every CUDA step) or from a 0-d tensor (with its graph)."""
+    dtype = compute_dtype(like)
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=like.device, dtype=dtype).reshape(()).expand(n).contiguous()
+    return torch.full((n,), float(scale), device=like.device, dtype=dtype)
 
 
 def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:
     """cos_iy with autograd through both normalisations (O(B*D): a gather of B rows of W)."""
-    xhat, what_y, _, _ = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps,
-                                     compute_dtype(x))
+    xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps, compute_dtype(x))
     cos_y = (xhat * what_y).sum(1)
     return cos_y.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_y
 
@@ -44,12 +45,17 @@ def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> Non
 
 
 def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]):
-    """The pre-pass (no graph: the negatives pass returns cos_y with its gradient): (valid, safe_labels, thr)."""
+    """The pre-pass, without a graph (the negatives pass returns cos_y with its gradient):
+    (valid, safe_labels, thr, target) where target = (x-hat, w-hat_y, raw cos_y with 0 on ignored rows), handed to
+    the negatives pass so it does not gather and normalise the rows again."""
     valid = labels != cfg.ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    safe_labels = torch.where(valid, labels, 0).long()
     with torch.no_grad():
-        cos_y = target_cosine(x, weight, safe_labels, cfg)
-    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg)
+        xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps,
+                                   compute_dtype(x))
+        cos_raw = torch.where(valid, (xhat * what_y).sum(1), 0.0)
+        cos_y = cos_raw.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_raw
+    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg), (xhat, what_y, cos_raw)
 
 
 def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -64,8 +70,13 @@ def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -
 
 
 def target_logits(cos_y: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
-    """From the target cosines (with their graph): (z_y = s f(cos_y), the scale as a 0-d tensor)."""
-    scale = _scalar_tensor(cfg.scale, like, compute_dtype(like))
+    """From the target cosines (with their graph): (z_y = s f(cos_y), the scale: a number, or a 0-d tensor in the
+    compute dtype when cfg.scale is a tensor)."""
+    scale = cfg.scale
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=like.device, dtype=compute_dtype(like)).reshape(())
+    else:
+        scale = float(scale)  # a Python number multiplies without a tensor of its own (a launch on a GPU)
     return scale * margins.margin_target(cos_y, cfg), scale
 
 
@@ -77,13 +88,15 @@ def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.B
     return dispatch.select(backend, spec)
 
 
-def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig):
+def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig,
+                   target=(None, None, None)):
     """(lse_neg, zsum_neg, cos_y) over every class k != neg_labels_i (-1: none excluded) with a fused backend;
-    cos_y is the raw target cosine (0 where neg_labels is -1), differentiable."""
-    scale_vec = scale.expand(x.shape[0]).contiguous()
+    cos_y is the raw target cosine (0 where neg_labels is -1), differentiable.  ``target``: the pre-pass's
+    (x-hat, w-hat_y, cos_y) for these labels, if it has them.  ``scale``: a number or a 0-d tensor."""
+    scale_vec = _scale_vector(scale, x.shape[0], x)
     return NegativesFunction.apply(
-        x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), chosen,
-        cfg.treatment, cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps,
+        x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), *target,
+        chosen, cfg.treatment, cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps,
         cfg.chunk_size)
 
 
@@ -98,12 +111,11 @@ def finish(lse: torch.Tensor, z_y: torch.Tensor, zsum_all: Optional[torch.Tensor
     if cfg.focal_gamma > 0:
         p_y = torch.exp(-nll)
         per_row = (1.0 - p_y).clamp_min(0.0) ** cfg.focal_gamma * per_row
-    zero = torch.zeros_like(per_row)
-    per_row = torch.where(valid, per_row, zero)
+    per_row = torch.where(valid, per_row, 0.0)
     count = valid.sum()
     if cfg.hard_ratio < 1.0:
         keep = hard_rows(per_row.detach(), valid, cfg.hard_ratio)
-        per_row = torch.where(keep, per_row, zero)
+        per_row = torch.where(keep, per_row, 0.0)
         count = keep.sum()
     if cfg.reduction == "none":
         return per_row
@@ -111,14 +123,14 @@ def finish(lse: torch.Tensor, z_y: torch.Tensor, zsum_all: Optional[torch.Tensor
     if cfg.reduction == "sum":
         return total
     # All rows ignored: 0 with zero gradients, not NaN (a NaN poisons a whole distributed step).
-    return total / count.clamp_min(1).to(total.dtype)
+    return total / count.clamp_min(1)  # an integer count: the division promotes to total's dtype
 
 
 def hard_rows(per_row: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
     """HM-Softmax: the ceil(ratio * n_valid) rows with the largest loss."""
     n_valid = valid.sum()
     k = torch.ceil(n_valid.to(torch.float64) * ratio).long()
-    ranked = torch.where(valid, per_row, torch.full_like(per_row, -math.inf))
+    ranked = torch.where(valid, per_row, -math.inf)
     order = torch.argsort(ranked, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
@@ -131,10 +143,9 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     if not chosen.fused:
         from . import reference
         return reference.margin_softmax_loss(x, weight, labels, cfg, bias=bias)
-    valid, safe_labels, thr = target_side(x, weight, labels, cfg, bias)
-    neg_labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    scale = _scalar_tensor(cfg.scale, x, compute_dtype(x))
-    lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, scale, cfg)
+    valid, safe_labels, thr, target = target_side(x, weight, labels, cfg, bias)
+    neg_labels = torch.where(valid, labels, -1)
+    lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, cfg.scale, cfg, target)
     if cfg.clamp_cos:
         cos_y = cos_y.clamp(-1.0, 1.0)
     z_y, _ = target_logits(cos_y, cfg, x)

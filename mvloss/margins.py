@@ -13,7 +13,7 @@ import torch
 def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     """sqrt(max(v, 0)) with a zero (not infinite) gradient at and below 0."""
     pos = v > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0)
 
 
 def cos_plus_margin(c: torch.Tensor, m: float) -> torch.Tensor:

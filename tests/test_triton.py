@@ -47,6 +47,16 @@ def test_triton_fp16(family):
     assert_matches_reference(x, w, y, "triton", **kw)
 
 
+@pytest.mark.parametrize("family", ["arcface", "mv_arc_adaptive", "curricular", "label_smoothing"])
+def test_triton_bf16_interpreted(family, monkeypatch):
+    """bf16 under the interpreter (operands upcast for tl.dot, workspaces still rounded to bf16): the training step's
+    backward, with the target column's gradient carried by the two GEMMs of each class chunk (four chunks here)."""
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(B * 64))
+    kw = FAMILIES[family]
+    x, w, y = inputs(kw, torch.bfloat16)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_many_classes_and_splits(dtype):
     """C = 1003: many class tiles, and (B = 37 under the interpreter) several class splits merged per row."""
@@ -299,6 +309,7 @@ x, w = torch.randn(b, d, dtype=torch.float16), torch.randn(c, d, dtype=torch.flo
 vec = lambda n: torch.rand(n)
 fwd = (x, w, vec(b), vec(c), torch.randint(0, c, (b,)), vec(b), vec(b), vec(c), 2, 0.2, True)
 bwd = fwd[:8] + (vec(b), vec(b), vec(b), 2, 0.2, True, True, True)
+bwd_w = bwd[:11] + (vec(b),) + bwd[11:] + (True, 1e-12)
 with FakeTensorMode() as mode:
     out = torch.ops.mvloss.triton_neg_forward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                 for a in fwd])
@@ -306,7 +317,11 @@ with FakeTensorMode() as mode:
     out = torch.ops.mvloss.triton_neg_backward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                  for a in bwd])
     assert [tuple(o.shape) for o in out] == [(b, d), (c, d), (b,), (c,)]
-for op, args in ((torch.ops.mvloss.triton_neg_forward, fwd), (torch.ops.mvloss.triton_neg_backward, bwd)):
+    out = torch.ops.mvloss.triton_neg_backward_w(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                   for a in bwd_w])
+    assert [tuple(o.shape) for o in out] == [(b, d), (c, d), (b,), (c,)] and out[1].dtype == w.dtype
+for op, args in ((torch.ops.mvloss.triton_neg_forward, fwd), (torch.ops.mvloss.triton_neg_backward, bwd),
+                 (torch.ops.mvloss.triton_neg_backward_w, bwd_w)):
     graph = make_fx(lambda *a: op(*a), tracing_mode="symbolic")(*args)
     assert "mvloss.triton_neg" in graph.code
 print("ok")
@@ -522,7 +537,11 @@ def test_triton_opcheck():
         fwd = _op_args(x, w, y, bias)
         torch.library.opcheck(torch.ops.mvloss.triton_neg_forward.default, fwd)
         lse, _ = torch.ops.mvloss.triton_neg_forward(*fwd)
-        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward.default, _bwd_args(fwd, lse))
+        bwd = _bwd_args(fwd, lse)
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward.default, bwd)
+        g_cos = torch.linspace(-1.0, 1.0, x.shape[0], device="cuda")
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward_w.default,
+                              bwd[:11] + (g_cos,) + bwd[11:] + (True, 1e-12))
 
 
 @gpu
@@ -572,8 +591,7 @@ def test_triton_peak_memory_independent_of_b_times_c():
     del dxhat, dwhat
 
     # what a training step runs: dW finished per chunk, in W's dtype (no C x D fp32 dwhat at all)
-    wargs = bwd + (torch.zeros(x.shape[0], dtype=torch.int64, device="cuda"), torch.zeros(x.shape, device="cuda"),
-                   True, 1e-12)
+    wargs = bwd[:11] + (torch.ones(x.shape[0], device="cuda"),) + bwd[11:] + (True, 1e-12)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

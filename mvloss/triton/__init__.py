@@ -113,17 +113,17 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 
-def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
-                     need_dscale, need_dbias, target_idx, target_rows, normalize_w, eps, **kwargs):
-    """The backward with dW finished per class chunk -> (dxhat fp32 of the negatives, dW in W's dtype and layout,
-    dscale or None, dbias or None).  dW includes target_rows[i] at class target_idx[i] and the normalisation
-    backward (``normalize_w``, ``eps``), so the C x D fp32 dwhat of ``backward`` never exists."""
+def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, treatment, param,
+                     clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs):
+    """The backward of a training step -> (dxhat fp32, dW in W's dtype and layout, dscale or None, dbias or None),
+    both gradients including the target column's (g_cos_i at class labels_i), dW through the normalisation backward
+    (``normalize_w``, ``eps``): the C x D fp32 dwhat of ``backward`` never exists."""
     if not torch.compiler.is_compiling():
         _load_ops()
     need_dbias = bool(need_dbias) and bias is not None
     dxhat, dw, dscale, dbias = torch.ops.mvloss.triton_neg_backward_w(
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), float(param),
-        bool(clamp), bool(need_dscale), need_dbias, target_idx, target_rows, bool(normalize_w), float(eps))
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, int(treatment), float(param),
+        bool(clamp), bool(need_dscale), need_dbias, bool(normalize_w), float(eps))
     return dxhat, dw, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 

@@ -13,10 +13,12 @@ kernels.
 
 That is one recompute in total (the 8 B C D count: forward, recompute, dX, dW).  The workspace holds
 ``MVLOSS_TRITON_WORKSPACE_ELEMS`` elements whatever C is; nothing uses atomics and chunks run in order, so the result
-is bitwise reproducible.  With ``finish_w`` (the fused weight gradient) each chunk's dwhat also gets its target
-rows and goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32 buffer.
+is bitwise reproducible.  With ``finish_w`` (the fused weight gradient, what a training step runs) the target
+column's entry of dc is the upstream gradient of cos_y, so the same two GEMMs carry the target side's gradient,
+and each chunk's dwhat goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32
+buffer, and no per-chunk glue besides the kernel, two GEMMs and the normalisation backward.
 fp16 inputs: Gx is divided by a per-row bound of |dc| and Gw by one global bound first (|G| <= 1: no fp16 overflow
-or underflow), the products multiplied back.
+or underflow), the products multiplied back; there the target column is added outside the kernel (``_TargetRows``).
 """
 import os
 
@@ -32,11 +34,11 @@ from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives
 
 @triton.jit
 def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
-                       lse_ptr, g_lse_ptr, g_sum_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
+                       lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
                        B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                        NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
+                       PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -56,6 +58,9 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols64, lab)
     dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
+    if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
+        g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
+        dc = tl.where(cols64[None, :] == lab[:, None], g_cos[:, None], dc)
     gx = dc * winv[None, :]
     gw = dc * xinv[:, None]
     if SCALE_G:  # |G| <= 1 before it is rounded to fp16
@@ -100,11 +105,42 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
 
 
+def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b: one GEMM with beta = 1 on a GPU."""
+    if a.is_cuda:
+        if a.dtype == torch.float32:
+            torch.addmm(acc, a, b, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _mm32(a, b)
+
+
+class _TargetRows:
+    """fp16 inputs only: the target column's gradient added outside the kernel (its workspaces are scaled by bounds
+    of the negatives' dc, which g_cos may exceed by far): rows g_cos_i x-hat_i into the weight gradient of the chunk
+    holding class y_i, and g_cos_i w-hat_{y_i} into dxhat at the end."""
+
+    def __init__(self, x, w, x_inv, w_inv, labels, g_cos, chunk):
+        has = labels >= 0
+        safe = torch.where(has, labels, torch.zeros_like(labels))
+        g = g_cos * has
+        self.rows = g[:, None] * (x.float() * x_inv[:, None])
+        self.dx = g[:, None] * (w[safe].float() * w_inv[safe][:, None])
+        self.chunk, self.local = target_rows_by_chunk(safe, chunk)
+        self.full = chunk
+
+    def add_to_chunk(self, dw_c, k):
+        add_target_rows(dw_c, k, self.full, self.chunk, self.local, self.rows)
+
+
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dscale: bool, need_dbias: bool, finish_w=None):
-    """Returns (dxhat fp32 (B, D), dwhat fp32 (C, D) -- or with ``finish_w`` = (target_idx, target_rows, w_out,
-    normalize_w, eps) the final weight gradient written into w_out --, dscale fp32 (B,) or empty, dbias fp32 (C,)
-    or empty)."""
+    """Returns (dxhat fp32 (B, D), dwhat fp32 (C, D), dscale fp32 (B,) or empty, dbias fp32 (C,) or empty).
+
+    With ``finish_w`` = (g_cos, w_out, normalize_w, eps) -- the fused weight gradient -- the target column's
+    gradient g_cos_i (at class labels_i, none where it is -1) is included in dxhat and in the weight gradient, which
+    is finished per chunk (normalisation backward, W's dtype) into w_out and returned in place of dwhat."""
     B, D = x.shape
     C = w.shape[0]
     dev = x.device
@@ -119,7 +155,10 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         row_n = dc_row_bound(g_lse, g_sum, scale, treatment, param)  # Gx row i divided by row_n[i]
         big_n = (row_n * x_inv).amax().clamp_min(1e-30).reshape(1)   # Gw divided by big_n
         rn, inv_n = 1.0 / row_n, 1.0 / big_n
-    dxhat = torch.zeros((B, D), dtype=torch.float32, device=dev)
+    g_cos = finish_w[0] if finish_w is not None else None
+    target_in_kernel = g_cos is not None and not scale_g
+    targets = _TargetRows(x, w, x_inv, w_inv, labels, g_cos, chunk) if g_cos is not None and scale_g else None
+    dxhat = None  # the first chunk's GEMM makes it, the others add into it
     dwhat = torch.empty((C, D) if finish_w is None else (0, D), dtype=torch.float32, device=dev)
     dscale = torch.zeros((B,) if need_dscale else (0,), dtype=torch.float32, device=dev)
     dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=dev)
@@ -128,26 +167,29 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
-                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, **cfg)
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=target_in_kernel, **cfg)
     kernel = _config.launcher(neg_dlogits_kernel)
-    if finish_w is not None:
-        finish_w = target_rows_by_chunk(finish_w[0], chunk) + tuple(finish_w[1:])
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         grid = (triton.cdiv(B, bb), triton.cdiv(c1 - c0, bc))
         kernel[grid](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-            lse, g_lse, g_sum, work_x, work_w, ds_part if need_dscale else work_x,
+            lse, g_lse, g_sum, g_cos if target_in_kernel else lse, work_x, work_w, ds_part if need_dscale else work_x,
             db_part if need_dbias else work_x, rn if scale_g else w_inv, inv_n if scale_g else w_inv,
             B, c0, c1, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param), **meta)
-        dxhat += _mm32(work_x[:, : c1 - c0], w[c0:c1])
+        if dxhat is None:
+            dxhat = _mm32(work_x[:, : c1 - c0], w[c0:c1])
+        else:
+            _addmm32_(dxhat, work_x[:, : c1 - c0], w[c0:c1])
         dw_c = _mm32(work_w[:, : c1 - c0].T, x)
         if scale_g:
             dw_c *= big_n
         if finish_w is None:
             dwhat[c0:c1] = dw_c
         else:
-            _finish_chunk(dw_c, c0 // chunk, c0, c1, chunk, w, w_inv, *finish_w)
+            if targets is not None:
+                targets.add_to_chunk(dw_c, c0 // chunk)
+            _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
         del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
         if need_dscale:
             dscale += ds_part[: grid[1]].sum(0)
@@ -155,13 +197,13 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
     if scale_g:
         dxhat *= row_n[:, None]
-    return dxhat, (dwhat if finish_w is None else finish_w[3]), dscale, dbias
+    if targets is not None:
+        dxhat += targets.dx
+    return dxhat, (dwhat if finish_w is None else finish_w[1]), dscale, dbias
 
 
-def _finish_chunk(dw_c, k, c0, c1, full, w, w_inv, target_chunk, target_local, target_rows, w_out, normalize_w,
-                  eps):
-    """dwhat of chunk k + the target rows whose label is in it, then the normalisation backward into w_out."""
-    add_target_rows(dw_c, k, full, target_chunk, target_local, target_rows)
+def _finish_chunk(dw_c, c0, c1, w, w_inv, w_out, normalize_w, eps):
+    """dwhat of a class chunk through the normalisation backward into w_out[c0:c1], in W's dtype."""
     if norm_backward.supports(dw_c.shape[1]):
         norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1])
     else:

@@ -58,17 +58,35 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
 
 
 
+@triton.jit
+def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, zsum_ptr, B, S, BLOCK: tl.constexpr):
+    """lse_i = log sum_s part_s[s, i] exp(part_m[s, i]) (-inf when every split is empty), zsum_i = sum_s part_z."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < B
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for s in range(0, S):
+        m = tl.maximum(m, tl.load(part_m_ptr + s * B + rows, mask=rmask, other=float("-inf")))
+    safe = tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        pm = tl.load(part_m_ptr + s * B + rows, mask=rmask, other=float("-inf"))
+        total += tl.load(part_s_ptr + s * B + rows, mask=rmask, other=0.0) * tl.exp(pm - safe)
+        zsum += tl.load(part_z_ptr + s * B + rows, mask=rmask, other=0.0)
+    lse = tl.where(total > 0, safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(zsum_ptr + rows, zsum, mask=rmask)
+
+
 def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
-    """Combine the per-split partials (splits, B) into (lse, zsum) (B,)."""
-    if part_m.shape[0] == 1:
-        m, s = part_m[0], part_s[0]
-        lse = torch.where(s > 0, m + torch.log(s), torch.full_like(m, float("-inf")))
-        return lse, part_z[0].clone()
-    m = part_m.amax(0)
-    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = (part_s * torch.exp(part_m - safe[None, :])).sum(0)
-    lse = torch.where(s > 0, safe + torch.log(s), torch.full_like(m, float("-inf")))
-    return lse, part_z.sum(0)
+    """Combine the per-split partials (splits, B) into (lse, zsum) (B,): one launch, whatever the split count."""
+    splits, B = part_m.shape
+    lse = torch.empty(B, dtype=torch.float32, device=part_m.device)
+    zsum = torch.empty(B, dtype=torch.float32, device=part_m.device)
+    block = 128 if _config.interpreting() else 256
+    _config.launcher(merge_kernel)[(triton.cdiv(B, block),)](part_m, part_s, part_z, lse, zsum, B, splits,
+                                                             BLOCK=block)
+    return lse, zsum
 
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool):

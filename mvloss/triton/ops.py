@@ -78,20 +78,21 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
 @triton_op("mvloss::triton_neg_backward_w", mutates_args=())
 def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                           labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, treatment: int, param: float,
-                          clamp: bool, need_dscale: bool, need_dbias: bool, target_idx: torch.Tensor,
-                          target_rows: torch.Tensor, normalize_w: bool, eps: float
+                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, g_cos: torch.Tensor,
+                          treatment: int, param: float, clamp: bool, need_dscale: bool, need_dbias: bool,
+                          normalize_w: bool, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward with the weight gradient finished inside: (dxhat fp32 (B, D) of the negatives, dW (C, D) in W's
-    dtype and layout -- the negatives, plus target_rows[i] added at class target_idx[i], through the normalisation
-    backward --, dscale (B,) or (0,), dbias (C,) or (0,))."""
+    """The backward of a training step, target column included: (dxhat fp32 (B, D), dW (C, D) in W's dtype and
+    layout, dscale (B,) or (0,), dbias (C,) or (0,)).  g_cos (B,) is the upstream gradient of the raw target cosine
+    x-hat_i . w-hat_{labels_i} (none where the label is -1); dxhat and dW include it, and dW is through the
+    normalisation backward."""
     w_out = torch.empty_like(w)
     x, w = _operands(x, w)
     B, D = x.shape
     C = w.shape[0]
     args = _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum)
     need_dbias = need_dbias and bias is not None
-    finish = (target_idx.to(torch.int64), target_rows.to(torch.float32), w_out, bool(normalize_w), float(eps))
+    finish = (_vec(g_cos), w_out, bool(normalize_w), float(eps))
     if B == 0:
         w_out.zero_()
         return (torch.zeros((0, D), dtype=torch.float32, device=x.device), w_out,
