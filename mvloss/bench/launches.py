@@ -194,6 +194,16 @@ def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
             "by_site": dict(sorted(sites.items(), key=lambda kv: kv[0].split(" @ ")[1]))}
 
 
+def workspace_for_chunks(B: int, C: int, D: int, dtype: torch.dtype, chunks: int) -> int:
+    """MVLOSS_TRITON_WORKSPACE_ELEMS that makes the Triton backward walk C classes in ``chunks`` chunks (at most;
+    a chunk is a whole number of the kernel's class tiles)."""
+    from ..triton import _config
+
+    tile = _config.dlogits_config(B, D, dtype)["BLOCK_C"]
+    per_chunk = -(-C // chunks)
+    return B * (-(-per_chunk // tile) * tile)
+
+
 def training_step(backend: str, B: int, C: int, D: int, dtype=torch.bfloat16, loss: str = "mv_arc", seed: int = 0):
     """A forward + backward of the benchmark's loss on fresh CPU inputs, as a closure."""
     from .methods import make
@@ -223,9 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    per_chunk = -(-args.C // args.chunks)
-    os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(args.B * (-(-per_chunk // 256) * 256))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(args.B, args.C, args.D, dtype,
+                                                                           args.chunks))
     step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
     step()  # warm: compiles, caches
     result = count_step(step, cuda_paths=not args.no_cuda_paths)

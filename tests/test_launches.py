@@ -1,0 +1,53 @@
+"""Launches per eager training step (``mvloss.bench.launches``): at C ~ 100k a GPU step is bound by them, so their
+count is held like a speed.  Counted on the CPU with the branches a CUDA step takes (Triton under the interpreter)."""
+import pytest
+import torch
+
+from mvloss.bench.launches import count_step, training_step, workspace_for_chunks
+
+B, C, D = 64, 3000, 32
+# Measured at this commit (python -m mvloss.bench.launches --backend NAME): triton 108, cpu 100, chunked 162; the
+# budgets leave a few launches for differences between torch versions in what autograd launches.
+BUDGET = {"triton": 114, "cpu": 106, "chunked": 170}
+
+
+def _count(backend, monkeypatch, chunks=4, loss="mv_arc"):
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(workspace_for_chunks(B, C, D, torch.bfloat16, chunks)))
+    step = training_step(backend, B, C, D, torch.bfloat16, loss)
+    step()  # warm
+    return count_step(step)
+
+
+def test_counter_counts_kernels_not_views():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+
+    def step():
+        c = a + b                          # 1
+        c.view(12).t().reshape(3, 4)       # views: 0
+        torch.where(c > 0, c, 0.0)         # 2 (gt, where); the 0.0 is a host scalar
+        torch.empty(5)                     # 0
+        torch.zeros(0)                     # empty output: 0
+        c.to(torch.float32)                # same dtype: 0
+        c.to(torch.float64)                # 1
+        bool((c > 100).any())              # 2 and one sync
+
+    got = count_step(step, cuda_paths=False)
+    assert (got["aten"], got["triton"], got["syncs"]) == (6, 0, 1), got
+
+
+@pytest.mark.parametrize("backend", sorted(BUDGET))
+def test_launches_per_step_within_budget(backend, monkeypatch):
+    if backend == "cpu":
+        from mvloss import dispatch
+        if dispatch.get("cpu").reason() is not None:
+            pytest.fail(f"the C++ extension is not built: {dispatch.get('cpu').reason()}")
+    got = _count(backend, monkeypatch)
+    assert got["total"] <= BUDGET[backend], (got["total"], got["by_op"])
+    assert got["syncs"] <= 1, got  # the label-range check; nothing else waits for the device
+
+
+def test_triton_backward_launches_four_per_class_chunk(monkeypatch):
+    """Per class chunk: the dlogits kernel, two GEMMs, the normalisation backward -- no other glue."""
+    four, eight = _count("triton", monkeypatch, 4), _count("triton", monkeypatch, 8)
+    assert eight["total"] - four["total"] == 4 * 4, (four["by_op"], eight["by_op"])
+    assert eight["by_op"]["triton:neg_dlogits_kernel"] == 8
