@@ -133,8 +133,14 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     bargs = args[:8] + (lse, torch.ones(B, device=device) / B, torch.zeros(B, device=device), 2, 0.2, False,
                         False, False)
     ms_f = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
+    os.environ["MVLOSS_TRITON_FORWARD"] = "flat"  # the candidate forward loop (see mvloss/triton/README.md)
+    try:
+        ms_flat = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
+    finally:
+        os.environ.pop("MVLOSS_TRITON_FORWARD")
     ms_b = timed(lambda: torch.ops.mvloss.triton_neg_backward(*bargs))
-    rec["triton_ops"] = dict(fwd_ms=ms_f, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
+    rec["triton_ops"] = dict(fwd_ms=ms_f, fwd_flat_ms=ms_flat, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
+                             fwd_flat_tflops=fwd_flops / ms_flat / 1e9,
                              fwd_bwd_tflops=step_flops / (ms_f + ms_b) / 1e9,
                              fwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_forward(*args)),
                              bwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_backward(*bargs)))
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
                 t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
                 print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
                       f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, peak "
-                      f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} bwd {o['bwd_ms']:.2f} bwd_w "
+                      f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
                       f"{o['bwd_w_ms']:.2f} ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
                       f"{o['recompute_dw_ms']:.2f}) | "
                       + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec

@@ -126,6 +126,26 @@ def test_triton_forced_splits(monkeypatch):
     assert_matches_reference(x, w, y, "triton", m2=0.5, mv="curricular", t=0.3, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_flat_forward_is_the_same_sum(monkeypatch, dtype):
+    """MVLOSS_TRITON_FORWARD=flat (one loop over class tiles x K slices) adds the same products in the same order as
+    the default: identical lse and zsum, several class tiles per split and a feature dimension of three K slices."""
+    import mvloss.triton.ops  # noqa: F401
+
+    x, w, y = inputs(FAMILIES["mv_arc_adaptive"], dtype, c=C_BIG)
+    bias = torch.linspace(-0.3, 0.3, C_BIG, device=DEVICE)
+    args = _op_args(x, w, y, bias)
+    got = {}
+    for mode in ("tiles", "flat"):
+        monkeypatch.setenv("MVLOSS_TRITON_FORWARD", mode)
+        got[mode] = torch.ops.mvloss.triton_neg_forward(*args)
+    for a, b in zip(got["tiles"], got["flat"]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    kw = FAMILIES["facexzoo_curricular"]
+    x, w, y = inputs(kw, dtype)
+    assert_matches_reference(x, w, y, "triton", **kw)
+
+
 @pytest.mark.parametrize("mode", ["gemm_small_workspace", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_backward_modes(monkeypatch, mode, dtype):
@@ -347,11 +367,16 @@ from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
 cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
          (torch.float32, 64, 40)]
 for dtype, b, d in cases:
-    for kernel in ("fwd", "dlogits", "dx", "dw"):
-        if kernel in ("fwd", "dlogits") and (dtype, b, d) != cases[0] and dtype != torch.float32:
+    for kernel in ("fwd", "fwd_flat", "dlogits", "dx", "dw"):
+        if kernel in ("fwd", "fwd_flat", "dlogits") and (dtype, b, d) != cases[0] and dtype != torch.float32:
             continue
         r = compile_kernel(kernel, dtype, b, d, arch=90)
         assert r["shared"] <= SHARED_LIMIT, r
+        # rows a multiple of 16 elements: loads go through asynchronous copies (the software pipeline), and bf16 dots
+        # through warp-group MMA
+        assert r["async_copies"] > 0 or d % 16, r
+        if dtype == torch.bfloat16 and b == 1024:
+            assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
         # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide accumulators spill a little (3.8:
         # <= 64 bytes, 3.6: up to 136)
         assert r["spill_bytes"] <= {"fwd": 64, "dlogits": 64}.get(kernel, 256), r
@@ -669,15 +694,18 @@ def test_triton_env_vars_documented():
     readme = os.path.join(os.path.dirname(mvloss.__file__), "triton", "README.md")
     text = open(readme).read()
     for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS", "MVLOSS_TRITON_BACKWARD",
-                "MVLOSS_TRITON_WORKSPACE_ELEMS", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS"):
+                "MVLOSS_TRITON_WORKSPACE_ELEMS", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS",
+                "MVLOSS_TRITON_FORWARD"):
         assert var in text
 
 
-@pytest.mark.parametrize("var", ["MVLOSS_TRITON_BACKWARD", "MVLOSS_TRITON_FP32_PRECISION"])
+@pytest.mark.parametrize("var", ["MVLOSS_TRITON_BACKWARD", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_FORWARD"])
 def test_triton_bad_env_values_raise(monkeypatch, var):
     """A misspelt choice in an environment variable is a clear ValueError naming it, not a silent default."""
     from mvloss.triton import _config
 
+    read = {"MVLOSS_TRITON_BACKWARD": _config.backward_mode, "MVLOSS_TRITON_FP32_PRECISION": _config.fp32_precision,
+            "MVLOSS_TRITON_FORWARD": _config.forward_mode}[var]
     monkeypatch.setenv(var, "fastest")
     with pytest.raises(ValueError, match=var):
-        _config.backward_mode() if var == "MVLOSS_TRITON_BACKWARD" else _config.fp32_precision()
+        read()

@@ -3,8 +3,12 @@
     python -m mvloss.triton._compile_check [--arch 90] [--dtype bf16 fp32] [--B 1 64 1024] [--D 64 128 512]
 
 The interpreter checks what the kernels compute; this checks that the GPU path compiles (tl.dot shapes, dtypes,
-constexpr branches) with the configurations ``_config`` picks, that each fits shared memory, and how many bytes
-ptxas spills (Triton's bundled ptxas; no driver needed).  Must run without TRITON_INTERPRET=1.
+constexpr branches) with the configurations ``_config`` picks, that each fits shared memory, how many bytes ptxas
+spills (Triton's bundled ptxas; no driver needed), and whether the loads are software-pipelined (asynchronous
+copies into shared memory) and the dots run on Hopper's warp-group MMA.  The arguments are specialised as Triton's
+launcher does for contiguous inputs (unit feature strides become constants; pointers and sizes that are multiples
+of 16 are marked so): without that the loads cannot be vectorised and are never pipelined.
+Must run without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -20,6 +24,23 @@ import torch
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARED_LIMIT = 227 * 1024  # sm_90 / sm_100 per-block opt-in maximum
+
+
+# Feature strides of contiguous x and W: Triton's launcher turns an integer argument equal to 1 into a constant.
+_UNIT_STRIDES = ("sxd", "swd")
+
+
+def _sizes(batch: int, dim: int) -> dict:
+    """Example values of the integer arguments, for the divisibility-by-16 marks the launcher would give them."""
+    return dict(B=batch, D=dim, sxb=dim, swc=dim, R=batch, sab=dim, sbb=dim)
+
+
+def _attrs(fn, sig: dict, sizes: dict) -> dict:
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if sig[name].startswith("*") or (name in sizes and sizes[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def _signature(fn, dtype, consts):
@@ -60,8 +81,9 @@ def _ptxas_info(ptx: str, arch: int) -> dict:
 
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True) -> dict:
-    """Compile one kernel ("fwd", "dlogits" -- the default backward's recompute kernel --, or the recompute design's
-    "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
+    """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "dlogits" -- the default backward's
+    recompute kernel --, or the recompute design's "dx", "dw") with the configuration _config picks for
+    (batch, dim, dtype)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -74,8 +96,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     from .backward_dx import neg_dx_kernel
     from .forward_lse import neg_lse_kernel
 
-    fn = {"fwd": neg_lse_kernel, "dlogits": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
-    if kernel == "fwd":
+    fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "dlogits": neg_dlogits_kernel, "dx": neg_dx_kernel,
+          "dw": neg_dw_kernel}[kernel]
+    if kernel in ("fwd", "fwd_flat"):
         cfg = _config.forward_config(batch, dim, dtype)
     elif kernel == "dlogits":
         cfg = _config.dlogits_config(batch, dim, dtype)
@@ -83,20 +106,28 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         cfg = _config.backward_config(kernel, batch, dim, dtype)
     consts = dict(TREATMENT=treatment, CLAMP=clamp, HAS_BIAS=has_bias, UPCAST=False,
                   PRECISION=_config.input_precision(dtype))
+    if kernel in ("fwd", "fwd_flat"):
+        consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel == "dlogits":
-        consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16)
+        consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16,
+                      TARGET=dtype != torch.float16)
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
         consts["NEED_DBIAS"] = True
     consts.update({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
-    src = ASTSource(fn, _signature(fn, dtype, consts), constexprs=consts)
+    consts.update({name: 1 for name in _UNIT_STRIDES})
+    sig = _signature(fn, dtype, consts)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=_attrs(fn, sig, _sizes(batch, dim)))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared)
-    info.update(_ptxas_info(compiled.asm["ptx"], arch))
+    ptx = compiled.asm["ptx"]
+    info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared,
+                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
+                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
+    info.update(_ptxas_info(ptx, arch))
     return info
 
 
@@ -111,11 +142,12 @@ def main(argv=None) -> int:
     for dt in a.dtype:
         for b in a.B:
             for d in a.D:
-                for kernel in ("fwd", "dlogits", "dx", "dw"):
+                for kernel in ("fwd", "fwd_flat", "dlogits", "dx", "dw"):
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
-                    print(f"{kernel:3} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
-                          f"spill={r['spill_bytes']:>4}  {r['config']}", flush=True)
+                    print(f"{kernel:8} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
+                          f"spill={r['spill_bytes']:>4} async={r['async_copies']:>3} wgmma={r['wgmma']:>2}  "
+                          f"{r['config']}", flush=True)
     print(f"worst spill: {worst} bytes")
     return 0
 

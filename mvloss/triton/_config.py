@@ -49,6 +49,19 @@ def backward_mode() -> str:
     return value
 
 
+FORWARD_MODES = ("tiles", "flat")
+
+
+def forward_mode() -> str:
+    """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop) or flat (one loop over (class
+    tile, K slice) pairs, so the software pipeline spans class tiles).  Same sums in the same order; flat is the
+    candidate for the H100's exposed load latency between tiles, not yet timed on a GPU."""
+    value = os.environ.get("MVLOSS_TRITON_FORWARD", "tiles").lower()
+    if value not in FORWARD_MODES:
+        raise ValueError(f"MVLOSS_TRITON_FORWARD={value!r} is not one of {FORWARD_MODES}")
+    return value
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if interpreting() else fp32_precision()

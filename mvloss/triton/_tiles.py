@@ -8,23 +8,31 @@ import triton.language as tl
 
 
 @triton.jit
+def dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, swd, acc,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] . w[cols, k0:k0+BLOCK_K]^T (fp32 accumulation): one step of the cosine tile."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    kmask = ks < D
+    ks64 = ks.to(tl.int64)
+    xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd,
+                 mask=rmask[:, None] & kmask[None, :], other=0.0)
+    wt = tl.load(w_ptr + cols64[None, :] * swc + ks64[:, None] * swd,
+                 mask=kmask[:, None] & cmask[None, :], other=0.0)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+        wt = wt.to(tl.float32)
+    return tl.dot(xt, wt, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """x[rows] . w[cols]^T over the whole feature dimension, fp32 accumulation (BLOCK_B x BLOCK_C)."""
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        ks64 = ks.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd,
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols64[None, :] * swc + ks64[:, None] * swd,
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, swd, acc,
+                        BLOCK_K, UPCAST, PRECISION)
     return acc
 
 

@@ -11,7 +11,23 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, logit_tile, negatives_mask, row_vectors
+from ._tiles import column_vectors, cos_tile, dot_slice, logit_tile, negatives_mask, row_vectors
+
+
+@triton.jit
+def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
+              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
+    cols64 = cols.to(tl.int64)
+    winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
+    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    valid = negatives_mask(rmask, cmask, cols64, lab)
+    run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
+    zm = tl.where(valid, z, float("-inf"))
+    new_m = tl.maximum(run_m, tl.max(zm, axis=1))
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    run_s = run_s * tl.exp(run_m - safe) + tl.sum(tl.exp(zm - safe[:, None]), axis=1)
+    return new_m, run_s, run_z
 
 
 @triton.jit
@@ -19,7 +35,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                    part_m_ptr, part_s_ptr, part_z_ptr,
                    B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
                    TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr,
+                   PRECISION: tl.constexpr, FLAT: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -34,28 +50,35 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
     run_z = tl.zeros((BLOCK_B,), dtype=tl.float32)
     c_start = pid_s * chunk
     c_end = tl.minimum(c_start + chunk, C)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < c_end
-        cols64 = cols.to(tl.int64)
-        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
-                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-        raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-        valid = negatives_mask(rmask, cmask, cols64, lab)
-        run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
-        zm = tl.where(valid, z, float("-inf"))
-        new_m = tl.maximum(run_m, tl.max(zm, axis=1))
-        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-        run_s = run_s * tl.exp(run_m - safe) + tl.sum(tl.exp(zm - safe[:, None]), axis=1)
-        run_m = new_m
+    if FLAT:
+        # one loop over (class tile, K slice) pairs, the tile folded after its last slice: the software pipeline
+        # then runs across class tiles (the next tile's loads overlap this one's epilogue)
+        n_k = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        for it in range(0, tl.cdiv(c_end - c_start, BLOCK_C) * n_k):
+            tile = it // n_k
+            k0 = (it - tile * n_k) * BLOCK_K
+            cols = c_start + tile * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = cols < c_end
+            acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, k0, D, sxb, sxd, swc, swd, acc,
+                            BLOCK_K, UPCAST, PRECISION)
+            if k0 + BLOCK_K >= D:
+                run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
+                                                param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS)
+                acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    else:
+        for c0 in range(c_start, c_end, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < c_end
+            acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, sxb, sxd, swc, swd,
+                           BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+            run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
+                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS)
 
     out = pid_s.to(tl.int64) * B + rows64
     tl.store(part_m_ptr + out, run_m, mask=rmask)
     tl.store(part_s_ptr + out, run_s, mask=rmask)
     tl.store(part_z_ptr + out, run_z, mask=rmask)
-
-
 
 
 @triton.jit
@@ -100,7 +123,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     kernel, fixed = _config.kernel_for(neg_lse_kernel, "forward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
-                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
+                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype),
+                FLAT=_config.forward_mode() == "flat")
     if fixed:
         meta.update(cfg)
     else:
