@@ -6,6 +6,8 @@
 
 Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
+  triton_candidates  the same step with the candidate kernels (MVLOSS_TRITON_FORWARD=flat,
+              MVLOSS_TRITON_DLOGITS=persistent), to decide whether they become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
@@ -111,6 +113,16 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
 
+    # the candidate kernels (MVLOSS_TRITON_FORWARD=flat, MVLOSS_TRITON_DLOGITS=persistent) in the same full step
+    candidates = {"MVLOSS_TRITON_FORWARD": "flat", "MVLOSS_TRITON_DLOGITS": "persistent"}
+    os.environ.update(candidates)
+    try:
+        ms_s = timed(loss_step("triton"))
+        rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
+    finally:
+        for var in candidates:
+            os.environ.pop(var)
+
     # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
     # mode pays for in host time
     if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1":
@@ -152,6 +164,11 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     wargs = bargs[:11] + (torch.ones(B, device=device),) + bargs[11:] + (True, 1e-12)
     rec["triton_ops"]["bwd_w_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
     rec["triton_ops"]["bwd_w_peak_mb"] = peak(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
+    os.environ["MVLOSS_TRITON_DLOGITS"] = "persistent"  # the candidate recompute kernel (mvloss/triton/README.md)
+    try:
+        rec["triton_ops"]["bwd_w_persistent_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
+    finally:
+        os.environ.pop("MVLOSS_TRITON_DLOGITS")
     rec["triton_ops"]["recompute_dx_ms"] = timed(lambda: backward_dx.launch(*kargs))
     rec["triton_ops"]["recompute_dw_ms"] = timed(lambda: backward_dw.launch(*kargs))
 
@@ -250,9 +267,10 @@ def main(argv=None) -> int:
                 records.append(rec)
                 t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
                 print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
-                      f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, peak "
+                      f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, flat+persistent "
+                      f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak "
                       f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
-                      f"{o['bwd_w_ms']:.2f} ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
+                      f"{o['bwd_w_ms']:.2f} (persistent {o['bwd_w_persistent_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
                       f"{o['recompute_dw_ms']:.2f}) | "
                       + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
                          else "")

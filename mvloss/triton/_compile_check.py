@@ -82,8 +82,8 @@ def _ptxas_info(ptx: str, arch: int) -> dict:
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "dlogits" -- the default backward's
-    recompute kernel --, or the recompute design's "dx", "dw") with the configuration _config picks for
-    (batch, dim, dtype)."""
+    recompute kernel --, "dlogits_persistent" -- MVLOSS_TRITON_DLOGITS=persistent --, or the recompute design's
+    "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -96,11 +96,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     from .backward_dx import neg_dx_kernel
     from .forward_lse import neg_lse_kernel
 
-    fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "dlogits": neg_dlogits_kernel, "dx": neg_dx_kernel,
-          "dw": neg_dw_kernel}[kernel]
+    fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "dlogits": neg_dlogits_kernel,
+          "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
     if kernel in ("fwd", "fwd_flat"):
         cfg = _config.forward_config(batch, dim, dtype)
-    elif kernel == "dlogits":
+    elif kernel.startswith("dlogits"):
         cfg = _config.dlogits_config(batch, dim, dtype)
     else:
         cfg = _config.backward_config(kernel, batch, dim, dtype)
@@ -110,9 +110,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
-    if kernel == "dlogits":
+    if kernel.startswith("dlogits"):
         consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16,
-                      TARGET=dtype != torch.float16)
+                      TARGET=dtype != torch.float16, PERSISTENT=kernel == "dlogits_persistent")
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
@@ -142,10 +142,10 @@ def main(argv=None) -> int:
     for dt in a.dtype:
         for b in a.B:
             for d in a.D:
-                for kernel in ("fwd", "fwd_flat", "dlogits", "dx", "dw"):
+                for kernel in ("fwd", "fwd_flat", "dlogits", "dlogits_persistent", "dx", "dw"):
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
-                    print(f"{kernel:8} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
+                    print(f"{kernel:18} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
                           f"spill={r['spill_bytes']:>4} async={r['async_copies']:>3} wgmma={r['wgmma']:>2}  "
                           f"{r['config']}", flush=True)
     print(f"worst spill: {worst} bytes")

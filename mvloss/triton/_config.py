@@ -62,6 +62,26 @@ def forward_mode() -> str:
     return value
 
 
+DLOGITS_MODES = ("tiles", "persistent")
+
+
+def dlogits_mode() -> str:
+    """MVLOSS_TRITON_DLOGITS = tiles (default: the default backward's recompute kernel takes one class tile per
+    program) or persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
+    the epilogue).  Same values either way; persistent is not yet timed on a GPU."""
+    value = os.environ.get("MVLOSS_TRITON_DLOGITS", "tiles").lower()
+    if value not in DLOGITS_MODES:
+        raise ValueError(f"MVLOSS_TRITON_DLOGITS={value!r} is not one of {DLOGITS_MODES}")
+    return value
+
+
+def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.device) -> int:
+    """Class programs of the persistent recompute kernel: row tiles x this ~ one per SM (its tiles hold ~255
+    registers a thread: one program per SM), at most one per class tile."""
+    want = max(1, target_programs(device) // 2 // max(row_tiles, 1))
+    return max(1, min(class_tiles, want))
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if interpreting() else fp32_precision()

@@ -29,31 +29,21 @@ import triton.language as tl
 from ..autograd import add_target_rows, normalization_backward, target_rows_by_chunk
 from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward
-from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
+from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, logit_tile, negatives_mask, row_grads,
+                     row_vectors)
 
 
 @triton.jit
-def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
-                       lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
-                       B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
-                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
-    cols = c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
+                  g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0, c1, ldg, param,
+                  TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspaces' G_x and G_w tiles and the
+    dscale / dbias partials."""
+    cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < c1
     cols64 = cols.to(tl.int64)
-    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
-
-    acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
-                   BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols64, lab)
@@ -72,10 +62,57 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=omask)
     tl.store(gw_ptr + out, gw.to(gw_ptr.dtype.element_ty), mask=omask)
     if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher
-        tl.store(ds_ptr + pid_c.to(tl.int64) * B + rows64, tl.sum(tl.where(valid, dz * u, 0.0), axis=1),
+        tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(tl.where(valid, dz * u, 0.0), axis=1),
                  mask=rmask)
     if NEED_DBIAS:  # one partial per row tile
-        tl.store(db_ptr + pid_b.to(tl.int64) * ldg + local, tl.sum(dz, axis=0), mask=cmask)
+        tl.store(db_ptr + tl.cast(pid_b, tl.int64) * ldg + local, tl.sum(dz, axis=0), mask=cmask)
+
+
+@triton.jit
+def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                       lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
+                       B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
+                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
+                       PERSISTENT: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (row tiles, class programs).  Default: one class tile per program.  PERSISTENT: each program takes every
+    P-th class tile of the chunk (P = the grid's class programs) in one loop over (tile, K slice) pairs, so the
+    software pipeline runs across its tiles (the next tile's loads overlap this one's epilogue and stores)."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+    if PERSISTENT:
+        n_prog = tl.num_programs(1)
+        n_k = tl.cdiv(D, BLOCK_K)
+        mine = tl.cdiv(tl.cdiv(c1 - c0, BLOCK_C) - pid_c, n_prog)
+        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        for it in range(0, mine * n_k):
+            step = it // n_k
+            tile = pid_c + step * n_prog
+            k0 = (it - step * n_k) * BLOCK_K
+            cols64 = (c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+            acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, k0, D, sxb, sxd, swc, swd, acc,
+                            BLOCK_K, UPCAST, PRECISION)
+            if k0 + BLOCK_K >= D:
+                store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
+                              bias_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0,
+                              c1, ldg, param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET,
+                              BLOCK_C)
+                acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    else:
+        cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, D, sxb, sxd, swc, swd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
+                      g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0, c1, ldg, param,
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -165,13 +202,18 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     n_ct = triton.cdiv(chunk, bc)
     ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
+    persistent = _config.dlogits_mode() == "persistent"
+    grid_rows = triton.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
-                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=target_in_kernel, **cfg)
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=target_in_kernel,
+                PERSISTENT=persistent, **cfg)
     kernel = _config.launcher(neg_dlogits_kernel)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        grid = (triton.cdiv(B, bb), triton.cdiv(c1 - c0, bc))
+        n_tiles = triton.cdiv(c1 - c0, bc)
+        class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
+        grid = (grid_rows, class_programs)
         kernel[grid](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
             lse, g_lse, g_sum, g_cos if target_in_kernel else lse, work_x, work_w, ds_part if need_dscale else work_x,
@@ -192,7 +234,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
         del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
         if need_dscale:
-            dscale += ds_part[: grid[1]].sum(0)
+            dscale += ds_part[:n_tiles].sum(0)
         if need_dbias:
             dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
     if scale_g:
