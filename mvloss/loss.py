@@ -152,4 +152,5 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     if bias is not None:
         z_y = z_y + bias[safe_labels].to(z_y.dtype)
     lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
-    return finish(lse, z_y, zsum_neg + z_y, valid, weight.shape[0], cfg)
+    zsum = zsum_neg + z_y if cfg.label_smoothing > 0 else None  # only label smoothing reads the logit sum
+    return finish(lse, z_y, zsum, valid, weight.shape[0], cfg)

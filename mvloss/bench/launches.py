@@ -220,6 +220,37 @@ def training_step(backend: str, B: int, C: int, D: int, dtype=torch.bfloat16, lo
     return step
 
 
+# (backend, C, class chunks of the Triton backward): 4 chunks is C = 100k at B = 1024 (32768 classes a chunk), 31 is
+# C = 1M; the glue per step does not depend on C otherwise.
+TABLE_CASES = (("triton", 3000, 4), ("triton", 31000, 31), ("cpu", 3000, 4), ("chunked", 3000, 4))
+
+
+def count_case(backend: str, B: int, C: int, D: int, dtype, loss: str, chunks: int) -> dict:
+    os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(B, C, D, dtype, chunks))
+    step = training_step(backend, B, C, D, dtype, loss)
+    step()  # warm: compiles, caches
+    return count_step(step)
+
+
+def write_table(path: str, B: int, D: int, dtype, loss: str) -> int:
+    import datetime
+
+    lines = ["# Launches per eager training step", "",
+             f"Command: `python -m mvloss.bench.launches --table {path}`  ",
+             f"torch {torch.__version__}, {loss}, {str(dtype).replace('torch.', '')}, B={B} D={D}, counted on the "
+             f"CPU with the eager-CUDA branches (Triton under the interpreter); "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             "| backend | Triton backward chunks | launches | ATen | Triton | host syncs |", "|---|---:|---:|---:|---:|---:|"]
+    for backend, C, chunks in TABLE_CASES:
+        r = count_case(backend, B, C, D, dtype, loss, chunks)
+        lines.append(f"| {backend} | {chunks if backend == 'triton' else '-'} | {r['total']} | {r['aten']} | "
+                     f"{r['triton']} | {r['syncs']} |")
+        print(lines[-1], flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="triton")
@@ -231,9 +262,19 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=4, help="class chunks of the Triton backward (4 = C 100k, B 1024)")
     p.add_argument("--no-cuda-paths", action="store_true")
     p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
+    p.add_argument("--table", metavar="PATH.md", help="write the standard table (triton at 4 and 31 class chunks, "
+                   "the shapes of C = 100k and 1M at B = 1024; cpu; chunked) to a Markdown file")
     args = p.parse_args(argv)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # the counts run on the CPU, Triton in its interpreter: that must be chosen before Triton is first imported
+        # (importing mvloss already does), so start again with it set
+        import sys
+
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "mvloss.bench.launches", *(argv or sys.argv[1:])])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.table:
+        return write_table(args.table, args.B, args.D, dtype, args.loss)
     os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(args.B, args.C, args.D, dtype,
                                                                            args.chunks))
     step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
