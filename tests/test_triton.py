@@ -363,6 +363,21 @@ with FakeTensorMode() as mode:
     out = torch.ops.mvloss.triton_neg_backward_w(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                    for a in bwd_w])
     assert [tuple(o.shape) for o in out] == [(b, d), (c, d), (b,), (c,)] and out[1].dtype == w.dtype
+# the GPU branches (torch.compile traces them with fake CUDA tensors; no GPU needed): half GEMMs with fp32 output,
+# the dxhat accumulation over several class chunks
+import os
+os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(b * 256)
+cb = 1000
+with FakeTensorMode() as mode:
+    xg = torch.empty(b, d, dtype=torch.bfloat16, device="cuda")
+    wg = torch.empty(cb, d, dtype=torch.bfloat16, device="cuda")
+    v = lambda n: torch.empty(n, device="cuda")
+    lab = torch.zeros(b, dtype=torch.int64, device="cuda")
+    out = torch.ops.mvloss.triton_neg_backward_w(xg, wg, v(b), v(cb), lab, v(b), v(b), None, v(b), v(b), v(b), v(b),
+                                                 2, 0.2, False, True, False, True, 1e-12)
+    assert [tuple(o.shape) for o in out] == [(b, d), (cb, d), (b,), (0,)] and out[1].dtype == torch.bfloat16, out
+    assert out[0].device.type == "cuda" and out[0].dtype == torch.float32
+os.environ.pop("MVLOSS_TRITON_WORKSPACE_ELEMS")
 for op, args in ((torch.ops.mvloss.triton_neg_forward, fwd), (torch.ops.mvloss.triton_neg_backward, bwd),
                  (torch.ops.mvloss.triton_neg_backward_w, bwd_w)):
     graph = make_fx(lambda *a: op(*a), tracing_mode="symbolic")(*args)

@@ -25,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from ..autograd import add_target_rows, normalization_backward, target_rows_by_chunk
 from ..negatives import treatment_derivative_bound
@@ -143,8 +144,10 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b: one GEMM with beta = 1 on a GPU."""
-    if a.is_cuda:
+    """acc (fp32) += a @ b: one GEMM with beta = 1 on an eager GPU.  Traced (torch.compile, fake tensors) it is a GEMM
+    and an add, which Inductor fuses: torch 2.11's fake addmm with out_dtype is broken (its decomposition takes the
+    dtype for beta)."""
+    if a.is_cuda and not (torch.compiler.is_compiling() or is_fake(acc)):
         if a.dtype == torch.float32:
             torch.addmm(acc, a, b, out=acc)
         else:
