@@ -237,6 +237,20 @@ def test_autograd_one_pass_norm_backward(dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["triton", "chunked", "cpu"])
+def test_eager_cuda_glue_kernels_give_the_same_loss(monkeypatch, backend):
+    """With ``mvloss.autograd.triton_glue`` on (what eager CUDA tensors get: both inverse norms in one Triton kernel,
+    the one-pass normalisation backward), any backend still matches the reference; run here on CPU tensors."""
+    from mvloss import autograd, dispatch
+
+    if dispatch.get(backend).reason() is not None:
+        pytest.fail(f"backend {backend} unavailable: {dispatch.get(backend).reason()}")
+    monkeypatch.setattr(autograd, "triton_glue", lambda t: t.dtype != torch.float64)
+    kw = FAMILIES["mv_arc_adaptive"]
+    x, w, y = inputs(kw, c=C_BIG)
+    assert_matches_reference(x, w.T.contiguous().T, y, backend, label_smoothing=0.1, **kw)
+
+
 def test_triton_learnable_scale_and_bias():
     x, w, y = make_inputs(B, C, D, ignore=(5,), device=DEVICE)
     results = {}
