@@ -6,6 +6,7 @@
 
 Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
+  triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
   triton_candidates  the same step with the candidate kernels (MVLOSS_TRITON_FORWARD=flat,
               MVLOSS_TRITON_DLOGITS=persistent), to decide whether they become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
@@ -122,6 +123,23 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     finally:
         for var in candidates:
             os.environ.pop(var)
+
+    # the eager step captured in a CUDA graph: its GPU time alone, none of the host's launch overhead
+    if device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                loss_step("triton")()
+        torch.cuda.current_stream().wait_stream(side)
+        x.grad = w.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            F.arcface_loss(x, w, y, backend="triton", **kw).backward()
+        ms_g = timed(graph.replay)
+        rec["triton_graphed"] = dict(fwd_bwd_ms=ms_g, fwd_bwd_tflops=step_flops / ms_g / 1e9)
+        del graph
+        x.grad = w.grad = None
 
     # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
     # mode pays for in host time
@@ -272,6 +290,8 @@ def main(argv=None) -> int:
                       f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
                       f"{o['bwd_w_ms']:.2f} (persistent {o['bwd_w_persistent_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
                       f"{o['recompute_dw_ms']:.2f}) | "
+                      + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
+                         else "")
                       + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
                          else "")
                       + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")

@@ -355,8 +355,7 @@ class ClassParallelHead(nn.Module):
         grad_scale = comm.world if self.ddp_compensation else 1
         x = _GatherRows.apply(local_feats, comm, sizes, grad_scale) if comm.active else local_feats
         labels = comm.all_gather_rows(labels.long(), sizes)
-        if not torch.compiler.is_compiling() and labels.numel() > 0:
-            check_label_range(labels, self.num_classes, cfg.ignore_index)
+        check_label_range(labels, self.num_classes, cfg.ignore_index)
 
         valid = labels != cfg.ignore_index
         owned = valid & (labels >= self.class_start) & (labels < self.class_end)

@@ -622,6 +622,42 @@ def test_triton_opcheck():
 
 
 @gpu
+def test_triton_training_step_captures_in_a_cuda_graph():
+    """An eager training step (forward and backward) captures in a CUDA graph -- no host sync in it besides the label
+    check, which is skipped while capturing -- and each replay on new inputs equals an eager step."""
+    b, c, d = 256, 20000, 128
+    kw = dict(scale=32.0, margin=0.5, mv="adaptive", t=0.2, label_smoothing=0.1)
+    x, w, y = make_inputs(b, c, d, torch.bfloat16, ignore=(3,), device="cuda")
+    sx, sw, sy = x.clone().requires_grad_(True), w.clone().requires_grad_(True), y.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: Triton compiles, cuBLAS picks its kernels
+        for _ in range(2):
+            sx.grad = sw.grad = None
+            F.arcface_loss(sx, sw, sy, backend="triton", **kw).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    sx.grad = sw.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = F.arcface_loss(sx, sw, sy, backend="triton", **kw)
+        static_loss.backward()
+    for seed in (1, 2):
+        x2, w2, y2 = make_inputs(b, c, d, torch.bfloat16, ignore=(5,), seed=seed, device="cuda")
+        with torch.no_grad():
+            sx.copy_(x2)
+            sw.copy_(w2)
+            sy.copy_(y2)
+        graph.replay()
+        xe, we = x2.clone().requires_grad_(True), w2.clone().requires_grad_(True)
+        loss = F.arcface_loss(xe, we, y2, backend="triton", **kw)
+        loss.backward()
+        torch.cuda.synchronize()
+        for got, want in ((static_loss, loss.detach()), (sx.grad, xe.grad), (sw.grad, we.grad)):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * want.abs().max().item())
+
+
+@gpu
 @pytest.mark.slow
 def test_triton_compile_fullgraph_training_step():
     x, w, y = make_inputs(64, 5000, 128, torch.bfloat16, ignore=(2,), device="cuda")
