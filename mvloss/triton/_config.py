@@ -25,54 +25,44 @@ def autotuning() -> bool:
     return os.environ.get("MVLOSS_AUTOTUNE", "0") == "1" and not interpreting()
 
 
+def _choice(var: str, choices: tuple, default: str) -> str:
+    """The value of environment variable ``var``, one of ``choices`` (case-insensitive), or a ValueError naming it."""
+    value = os.environ.get(var, default).lower()
+    if value not in choices:
+        raise ValueError(f"{var}={value!r} is not one of {choices}")
+    return value
+
+
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+BACKWARD_MODES = ("gemm", "recompute")
+FORWARD_MODES = ("tiles", "flat")
+DLOGITS_MODES = ("tiles", "persistent")
 
 
 def fp32_precision() -> str:
     """tl.dot precision for fp32 inputs: MVLOSS_TRITON_FP32_PRECISION = ieee (default: exact fp32 products, CUDA
     cores), tf32x3 (three TF32 tensor-core products, close to fp32) or tf32 (fastest, ~1e-3 relative error)."""
-    value = os.environ.get("MVLOSS_TRITON_FP32_PRECISION", "ieee").lower()
-    if value not in FP32_PRECISIONS:
-        raise ValueError(f"MVLOSS_TRITON_FP32_PRECISION={value!r} is not one of {FP32_PRECISIONS}")
-    return value
-
-
-BACKWARD_MODES = ("gemm", "recompute")
+    return _choice("MVLOSS_TRITON_FP32_PRECISION", FP32_PRECISIONS, "ieee")
 
 
 def backward_mode() -> str:
     """MVLOSS_TRITON_BACKWARD = gemm (default: one recompute kernel writing a bounded workspace, then two GEMMs per
     class chunk) or recompute (two pure-Triton kernels, dx and dW, each recomputing the cosines; no workspace)."""
-    value = os.environ.get("MVLOSS_TRITON_BACKWARD", "gemm").lower()
-    if value not in BACKWARD_MODES:
-        raise ValueError(f"MVLOSS_TRITON_BACKWARD={value!r} is not one of {BACKWARD_MODES}")
-    return value
-
-
-FORWARD_MODES = ("tiles", "flat")
+    return _choice("MVLOSS_TRITON_BACKWARD", BACKWARD_MODES, "gemm")
 
 
 def forward_mode() -> str:
     """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop) or flat (one loop over (class
     tile, K slice) pairs, so the software pipeline spans class tiles).  Same sums in the same order; flat is the
     candidate for the H100's exposed load latency between tiles, not yet timed on a GPU."""
-    value = os.environ.get("MVLOSS_TRITON_FORWARD", "tiles").lower()
-    if value not in FORWARD_MODES:
-        raise ValueError(f"MVLOSS_TRITON_FORWARD={value!r} is not one of {FORWARD_MODES}")
-    return value
-
-
-DLOGITS_MODES = ("tiles", "persistent")
+    return _choice("MVLOSS_TRITON_FORWARD", FORWARD_MODES, "tiles")
 
 
 def dlogits_mode() -> str:
     """MVLOSS_TRITON_DLOGITS = tiles (default: the default backward's recompute kernel takes one class tile per
     program) or persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
     the epilogue).  Same values either way; persistent is not yet timed on a GPU."""
-    value = os.environ.get("MVLOSS_TRITON_DLOGITS", "tiles").lower()
-    if value not in DLOGITS_MODES:
-        raise ValueError(f"MVLOSS_TRITON_DLOGITS={value!r} is not one of {DLOGITS_MODES}")
-    return value
+    return _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 
 
 def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.device) -> int:

@@ -25,6 +25,15 @@ def dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, 
 
 
 @triton.jit
+def flat_step(it, n_k, first, stride, BLOCK_K: tl.constexpr):
+    """Step ``it`` of a loop flattened over (class tile, K slice) pairs, the tiles first, first + stride, ...:
+    (tile, k0, whether this slice finishes the tile)."""
+    step = it // n_k
+    k0 = (it - step * n_k) * BLOCK_K
+    return first + step * stride, k0, it - step * n_k == n_k - 1
+
+
+@triton.jit
 def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
              UPCAST: tl.constexpr, PRECISION: tl.constexpr):

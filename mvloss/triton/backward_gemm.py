@@ -30,8 +30,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ..autograd import add_target_rows, normalization_backward, target_rows_by_chunk
 from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward
-from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, logit_tile, negatives_mask, row_grads,
-                     row_vectors)
+from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, flat_step, logit_tile, negatives_mask,
+                     row_grads, row_vectors)
 
 
 @triton.jit
@@ -95,13 +95,11 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         mine = tl.cdiv(tl.cdiv(c1 - c0, BLOCK_C) - pid_c, n_prog)
         acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
         for it in range(0, mine * n_k):
-            step = it // n_k
-            tile = pid_c + step * n_prog
-            k0 = (it - step * n_k) * BLOCK_K
+            tile, k0, last = flat_step(it, n_k, pid_c, n_prog, BLOCK_K)
             cols64 = (c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
             acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, k0, D, sxb, sxd, swc, swd, acc,
                             BLOCK_K, UPCAST, PRECISION)
-            if k0 + BLOCK_K >= D:
+            if last:
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0,
                               c1, ldg, param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, dot_slice, logit_tile, negatives_mask, row_vectors
+from ._tiles import column_vectors, cos_tile, dot_slice, flat_step, logit_tile, negatives_mask, row_vectors
 
 
 @triton.jit
@@ -56,13 +56,12 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
         n_k = tl.cdiv(D, BLOCK_K)
         acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
         for it in range(0, tl.cdiv(c_end - c_start, BLOCK_C) * n_k):
-            tile = it // n_k
-            k0 = (it - tile * n_k) * BLOCK_K
+            tile, k0, last = flat_step(it, n_k, 0, 1, BLOCK_K)
             cols = c_start + tile * BLOCK_C + tl.arange(0, BLOCK_C)
             cmask = cols < c_end
             acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, k0, D, sxb, sxd, swc, swd, acc,
                             BLOCK_K, UPCAST, PRECISION)
-            if k0 + BLOCK_K >= D:
+            if last:
                 run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
                                                 param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
