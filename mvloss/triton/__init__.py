@@ -17,7 +17,7 @@ Determinism: the default backward (``backward_gemm``) recomputes the cosines of 
 workspace and runs two GEMMs per chunk, chunks in order; the alternative (``MVLOSS_TRITON_BACKWARD=recompute``) is
 two kernels (dx over row blocks looping over classes, dW over class blocks looping over rows).  Neither uses atomics
 and partial sums are added in a fixed order, so results are bitwise reproducible for a given device, shape and
-configuration.  (The target rows' index_add follows ``torch.use_deterministic_algorithms``.)
+configuration.  (For fp16 inputs the target rows' index_add follows ``torch.use_deterministic_algorithms``.)
 """
 from __future__ import annotations
 
