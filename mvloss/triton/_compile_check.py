@@ -48,7 +48,7 @@ def _signature(fn, dtype, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("x_ptr", "w_ptr", "a_ptr", "b_ptr", "gx_ptr", "gw_ptr"):
+        elif name in ("x_ptr", "w_ptr", "a_ptr", "b_ptr", "g_ptr"):
             sig[name] = "*" + _DT[dtype]
         elif name == "labels_ptr":
             sig[name] = "*i64"

@@ -1,24 +1,26 @@
 """The backward through a bounded workspace (the default, ``MVLOSS_TRITON_BACKWARD=gemm``).
 
 Per class chunk [c0, c1): one Triton kernel recomputes the cosine tiles (the forward's K order, so exp(z - lse)
-matches the forward's lse), forms dc, the gradient w.r.t. the cosines, on chip (see
-``mvloss.negatives``) and writes two B x chunk workspaces in the input dtype, Gx = dc * w_inv (per class) and
-Gw = dc * x_inv (per row).  Two GEMMs (cuBLAS through ATen, fp32 output) then give
+matches the forward's lse), forms dc, the gradient w.r.t. the cosines, on chip (see ``mvloss.negatives``) and writes
+one B x chunk workspace in the input dtype, G = dc * w_inv.  Two GEMMs (cuBLAS through ATen, fp32 output) then give
 
-    dxhat         += Gx @ W[c0:c1]          (= sum_k dc_ik w-hat_k)
-    dwhat[c0:c1]   = Gw^T @ X               (= sum_i dc_ik x-hat_i)
+    dxhat        += G @ W[c0:c1]          (= sum_k dc_ik w-hat_k)
+    w_inv dwhat   = G^T @ X-hat            (= w_inv_k sum_i dc_ik x-hat_i;  X-hat = x * x_inv, B x D, made once)
 
-on the raw inputs: no normalised copy of x or W, and dc is rounded to the GEMM dtype once, as in the recompute
-kernels.
+W is read raw (no normalised copy) and dc is rounded to the GEMM dtype once.  The second product is dwhat scaled by
+w_inv, which is exactly what the normalisation backward of W needs: d/dw of w / |w| applied to dwhat is the
+projection of w_inv dwhat off w-hat (``norm_backward`` with ``prescaled``); the plain contract's dwhat divides it
+back out.
 
 That is one recompute in total (the 8 B C D count: forward, recompute, dX, dW).  The workspace holds
 ``MVLOSS_TRITON_WORKSPACE_ELEMS`` elements whatever C is; nothing uses atomics and chunks run in order, so the result
 is bitwise reproducible.  With ``finish_w`` (the fused weight gradient, what a training step runs) the target
 column's entry of dc is the upstream gradient of cos_y, so the same two GEMMs carry the target side's gradient,
-and each chunk's dwhat goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32
-buffer, and no per-chunk glue besides the kernel, two GEMMs and the normalisation backward.
-fp16 inputs: Gx is divided by a per-row bound of |dc| and Gw by one global bound first (|G| <= 1: no fp16 overflow
-or underflow), the products multiplied back; there the target column is added outside the kernel (``_TargetRows``).
+and each chunk goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32 buffer,
+and four launches per chunk (the kernel, two GEMMs, the normalisation backward).
+fp16 inputs: G's row i is divided by a bound of that row's |dc| (the target column's included) and X-hat's row i is
+multiplied by that bound over the largest one (|G|, |X-hat| <= 1: no fp16 overflow or underflow), the products
+multiplied back.
 """
 import os
 
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from ..autograd import add_target_rows, normalization_backward, target_rows_by_chunk
+from ..autograd import normalization_backward
 from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward
 from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, flat_step, logit_tile, negatives_mask,
@@ -36,12 +38,12 @@ from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, flat_step
 
 @triton.jit
 def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
-                  g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0, c1, ldg, param,
+                  g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                   BLOCK_C: tl.constexpr):
-    """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspaces' G_x and G_w tiles and the
-    dscale / dbias partials."""
+    """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspace tile G = dc w_inv (each row
+    divided by its bound with SCALE_G) and the dscale / dbias partials."""
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < c1
     cols64 = cols.to(tl.int64)
@@ -52,16 +54,12 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols64[None, :] == lab[:, None], g_cos[:, None], dc)
-    gx = dc * winv[None, :]
-    gw = dc * xinv[:, None]
-    if SCALE_G:  # |G| <= 1 before it is rounded to fp16
-        gx = gx * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
-        gw = gw * tl.load(inv_n_ptr)
+    g = dc * winv[None, :]
+    if SCALE_G:  # |dc| / row bound <= 1 before it is rounded to fp16
+        g = g * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
     local = (cols - c0).to(tl.int64)
     out = rows64[:, None] * ldg + local[None, :]
-    omask = rmask[:, None] & cmask[None, :]
-    tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=omask)
-    tl.store(gw_ptr + out, gw.to(gw_ptr.dtype.element_ty), mask=omask)
+    tl.store(g_ptr + out, g.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher
         tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(tl.where(valid, dz * u, 0.0), axis=1),
                  mask=rmask)
@@ -71,7 +69,7 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
 
 @triton.jit
 def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
-                       lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr,
+                       lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr,
                        B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                        NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -101,16 +99,15 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                             BLOCK_K, UPCAST, PRECISION)
             if last:
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
-                              bias_ptr, g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0,
-                              c1, ldg, param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET,
-                              BLOCK_C)
+                              bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
+                              TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, BLOCK_C)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
-                      g_cos_ptr, gx_ptr, gw_ptr, ds_ptr, db_ptr, rn_ptr, inv_n_ptr, pid_b, B, c0, c1, ldg, param,
+                      g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, BLOCK_C)
 
 
@@ -121,9 +118,8 @@ def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Ten
 
 
 def workspace_elems() -> int:
-    """Elements of each of the two B x chunk workspaces (default 32M: 64 MB each in bf16; at B = 1024 a chunk of
-    32768 classes).  Fewer, larger chunks keep the per-chunk launch overhead (a few hundred microseconds of host
-    time) below the chunk's GPU time."""
+    """Elements of the B x chunk workspace (default 32M: 64 MB in bf16; at B = 1024 a chunk of 32768 classes).
+    Fewer, larger chunks keep the per-chunk launches (four) below the chunk's GPU time."""
     return max(1, int(os.environ.get("MVLOSS_TRITON_WORKSPACE_ELEMS", 32 * 1024 * 1024)))
 
 
@@ -154,24 +150,6 @@ def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += _mm32(a, b)
 
 
-class _TargetRows:
-    """fp16 inputs only: the target column's gradient added outside the kernel (its workspaces are scaled by bounds
-    of the negatives' dc, which g_cos may exceed by far): rows g_cos_i x-hat_i into the weight gradient of the chunk
-    holding class y_i, and g_cos_i w-hat_{y_i} into dxhat at the end."""
-
-    def __init__(self, x, w, x_inv, w_inv, labels, g_cos, chunk):
-        has = labels >= 0
-        safe = torch.where(has, labels, torch.zeros_like(labels))
-        g = g_cos * has
-        self.rows = g[:, None] * (x.float() * x_inv[:, None])
-        self.dx = g[:, None] * (w[safe].float() * w_inv[safe][:, None])
-        self.chunk, self.local = target_rows_by_chunk(safe, chunk)
-        self.full = chunk
-
-    def add_to_chunk(self, dw_c, k):
-        add_target_rows(dw_c, k, self.full, self.chunk, self.local, self.rows)
-
-
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dscale: bool, need_dbias: bool, finish_w=None):
     """Returns (dxhat fp32 (B, D), dwhat fp32 (C, D), dscale fp32 (B,) or empty, dbias fp32 (C,) or empty).
@@ -186,18 +164,22 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
     chunk = _chunk(B, C, bc)
     gdt = x.dtype
-    work_x = torch.empty((B, chunk), dtype=gdt, device=dev)
-    work_w = torch.empty((B, chunk), dtype=gdt, device=dev)
-    scale_g = gdt == torch.float16
-    if scale_g:
-        row_n = dc_row_bound(g_lse, g_sum, scale, treatment, param)  # Gx row i divided by row_n[i]
-        big_n = (row_n * x_inv).amax().clamp_min(1e-30).reshape(1)   # Gw divided by big_n
-        rn, inv_n = 1.0 / row_n, 1.0 / big_n
     g_cos = finish_w[0] if finish_w is not None else None
-    target_in_kernel = g_cos is not None and not scale_g
-    targets = _TargetRows(x, w, x_inv, w_inv, labels, g_cos, chunk) if g_cos is not None and scale_g else None
+    work = torch.empty((B, chunk), dtype=gdt, device=dev)
+    # fp16: G's row i is divided by a bound of that row's |dc| (target column included), and x-hat's row i is
+    # multiplied by it over the largest (so |G|, |x-hat-s| <= 1); dW's chunk is multiplied back by the largest
+    scale_g = gdt == torch.float16
+    row_scale = None
+    if scale_g:
+        row_n = dc_row_bound(g_lse, g_sum, scale, treatment, param)
+        if g_cos is not None:
+            row_n = torch.maximum(row_n, g_cos.abs())
+        big_n = row_n.amax().reshape(1)
+        rn, row_scale = 1.0 / row_n, row_n / big_n
+    xhat = _scaled_rows(x, x_inv, row_scale, gdt)
     dxhat = None  # the first chunk's GEMM makes it, the others add into it
     dwhat = torch.empty((C, D) if finish_w is None else (0, D), dtype=torch.float32, device=dev)
+    w_norm = 1.0 / w_inv if finish_w is None else None  # the contract's dwhat: G carries w_inv, taken off again
     dscale = torch.zeros((B,) if need_dscale else (0,), dtype=torch.float32, device=dev)
     dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=dev)
     n_ct = triton.cdiv(chunk, bc)
@@ -207,31 +189,29 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     grid_rows = triton.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
-                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=target_in_kernel,
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None,
                 PERSISTENT=persistent, **cfg)
     kernel = _config.launcher(neg_dlogits_kernel)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         n_tiles = triton.cdiv(c1 - c0, bc)
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
-        grid = (grid_rows, class_programs)
-        kernel[grid](
+        kernel[(grid_rows, class_programs)](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-            lse, g_lse, g_sum, g_cos if target_in_kernel else lse, work_x, work_w, ds_part if need_dscale else work_x,
-            db_part if need_dbias else work_x, rn if scale_g else w_inv, inv_n if scale_g else w_inv,
+            lse, g_lse, g_sum, g_cos if g_cos is not None else lse, work, ds_part if need_dscale else work,
+            db_part if need_dbias else work, rn if scale_g else w_inv,
             B, c0, c1, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param), **meta)
+        g = work[:, : c1 - c0]
         if dxhat is None:
-            dxhat = _mm32(work_x[:, : c1 - c0], w[c0:c1])
+            dxhat = _mm32(g, w[c0:c1])
         else:
-            _addmm32_(dxhat, work_x[:, : c1 - c0], w[c0:c1])
-        dw_c = _mm32(work_w[:, : c1 - c0].T, x)
+            _addmm32_(dxhat, g, w[c0:c1])
+        dw_c = _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
         if scale_g:
             dw_c *= big_n
         if finish_w is None:
-            dwhat[c0:c1] = dw_c
+            dwhat[c0:c1] = dw_c * w_norm[c0:c1, None]
         else:
-            if targets is not None:
-                targets.add_to_chunk(dw_c, c0 // chunk)
             _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
         del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
         if need_dscale:
@@ -240,14 +220,21 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
     if scale_g:
         dxhat *= row_n[:, None]
-    if targets is not None:
-        dxhat += targets.dx
     return dxhat, (dwhat if finish_w is None else finish_w[1]), dscale, dbias
 
 
+def _scaled_rows(x, x_inv, row_scale, dtype):
+    """x-hat = x x_inv (times row_scale when given), in the GEMM dtype: dW's chunk is G^T x-hat."""
+    s = x_inv if row_scale is None else x_inv * row_scale
+    return (x.to(torch.float32) * s[:, None]).to(dtype)
+
+
 def _finish_chunk(dw_c, c0, c1, w, w_inv, w_out, normalize_w, eps):
-    """dwhat of a class chunk through the normalisation backward into w_out[c0:c1], in W's dtype."""
+    """A class chunk's w_inv-scaled dwhat (w_inv_k dwhat_k, what G^T x-hat gives) through the normalisation backward
+    into w_out[c0:c1], in W's dtype: d/dw of w / max(|w|, eps) applied to dwhat is exactly the projection of
+    w_inv dwhat off w-hat, so the scaled chunk needs no rescaling."""
     if norm_backward.supports(dw_c.shape[1]):
-        norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1])
+        norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1], prescaled=True)
     else:
+        dw_c /= w_inv[c0:c1, None]
         w_out[c0:c1] = normalization_backward(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w)

@@ -15,7 +15,8 @@ MAX_D = 8192  # one program holds whole rows; wider rows use the PyTorch path
 
 @triton.jit
 def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, D, sdr, sdd, str_, std, sor, sod, eps,
-                         NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         NORMALIZE: tl.constexpr, PRESCALED: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows64 = rows.to(tl.int64)
@@ -30,7 +31,9 @@ def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, D, sdr, sdd, str_, s
         projected = d - dot[:, None] * that
         # below eps the map is the linear t / eps: no projection (as the PyTorch path)
         above = (1.0 / inv) > eps
-        d = tl.where(above[:, None], projected, d) * inv[:, None]
+        d = tl.where(above[:, None], projected, d)
+        if not PRESCALED:  # a prescaled d is dhat * inv already
+            d = d * inv[:, None]
     tl.store(out_ptr + rows64[:, None] * sor + cols64[None, :] * sod, d.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -39,8 +42,9 @@ def supports(dim: int) -> bool:
 
 
 def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, normalize: bool,
-           out: torch.Tensor) -> torch.Tensor:
-    """Write the gradient w.r.t. t (rows of ``t``; ``dhat`` fp32 of the same shape) into ``out`` and return it."""
+           out: torch.Tensor, prescaled: bool = False) -> torch.Tensor:
+    """Write the gradient w.r.t. t (rows of ``t``; ``dhat`` fp32 of the same shape) into ``out`` and return it.
+    ``prescaled``: ``dhat`` holds each row already multiplied by its ``inv`` (with ``normalize`` only)."""
     R, D = t.shape
     if R == 0:
         return out
@@ -51,6 +55,7 @@ def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, n
     grid = (triton.cdiv(R, block_r),)
     _config.launcher(norm_backward_kernel)[grid](
         dhat, t, inv, out, R, D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
-        out.stride(1), float(eps), NORMALIZE=bool(normalize), BLOCK_R=block_r, BLOCK_D=block_d,
+        out.stride(1), float(eps), NORMALIZE=bool(normalize), PRESCALED=bool(prescaled) and bool(normalize),
+        BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 2048 else 8)
     return out
