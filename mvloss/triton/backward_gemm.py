@@ -137,17 +137,24 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
 
 
+_addmm_fp32_out = True  # cleared if this torch rejects addmm(fp32 acc, half, half, out_dtype=fp32)
+
+
 def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b: one GEMM with beta = 1 on an eager GPU.  Traced (torch.compile, fake tensors) it is a GEMM
     and an add, which Inductor fuses: torch 2.11's fake addmm with out_dtype is broken (its decomposition takes the
     dtype for beta)."""
-    if a.is_cuda and not (torch.compiler.is_compiling() or is_fake(acc)):
-        if a.dtype == torch.float32:
-            torch.addmm(acc, a, b, out=acc)
-        else:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc += _mm32(a, b)
+    global _addmm_fp32_out
+    if a.is_cuda and _addmm_fp32_out and not (torch.compiler.is_compiling() or is_fake(acc)):
+        try:
+            if a.dtype == torch.float32:
+                torch.addmm(acc, a, b, out=acc)
+            else:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except RuntimeError:  # argument checks run before any launch: nothing was written
+            _addmm_fp32_out = False
+    acc += _mm32(a, b)
 
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
