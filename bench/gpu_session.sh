@@ -58,7 +58,7 @@ if has sweep; then
   "$PY" - "$OUT/sweep.json" <<'EOF'
 import json, sys
 for r in json.load(open(sys.argv[1])):
-    cfg = {k: v for k, v in r.items() if k.startswith(("BLOCK", "num_"))}
+    cfg = {k: v for k, v in r.items() if k.startswith(("BLOCK", "num_")) or k == "mode"}
     print(r["kernel"], f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" if "ms" in r else r.get("error"), cfg)
 EOF
 fi

@@ -6,7 +6,9 @@ tiles of nothing else; the backward's recompute kernel (backward_gemm) has its o
     python bench/triton_sweep.py --smoke        # check the script on the CPU (interpreter, tiny shape)
 
 Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
-(CUDA events, median).  The first row of each kernel is the table's own choice.
+(CUDA events, median).  The first row of each kernel is the table's own choice.  The forward and the recompute
+kernel are timed in both of their loop forms (MVLOSS_TRITON_FORWARD = tiles / flat, MVLOSS_TRITON_DLOGITS = tiles /
+persistent: the ``mode`` field).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import sys
 
 import torch
 
-FORWARD = [dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]
+FORWARD = [dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3)]
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
@@ -78,21 +81,28 @@ def main(argv=None) -> int:
                 json.dump(records, f, indent=1)
 
     try:
-        for cfg in [None] + FORWARD:
-            if cfg is not None:
-                _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-            shown = cfg or dict(table_fwd(B, D, dtype), table=True)
-            record("forward", shown, lambda: forward_lse.launch(*args))
-        _config.forward_config = table_fwd
+        for mode in _config.FORWARD_MODES:
+            os.environ["MVLOSS_TRITON_FORWARD"] = mode
+            for cfg in [None] + FORWARD:
+                if cfg is not None:
+                    _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+                shown = dict(cfg or dict(table_fwd(B, D, dtype), table=True), mode=mode)
+                record("forward", shown, lambda: forward_lse.launch(*args))
+            _config.forward_config = table_fwd
+        os.environ.pop("MVLOSS_TRITON_FORWARD")
         table_dl = _config.dlogits_config
         try:
-            for cfg in [None] + DLOGITS:
-                if cfg is not None:
-                    _config.dlogits_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-                shown = cfg or dict(table_dl(B, D, dtype), table=True)
-                record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
+            for mode in _config.DLOGITS_MODES:
+                os.environ["MVLOSS_TRITON_DLOGITS"] = mode
+                for cfg in [None] + DLOGITS:
+                    if cfg is not None:
+                        _config.dlogits_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
+                    shown = dict(cfg or dict(table_dl(B, D, dtype), table=True), mode=mode)
+                    record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
+                _config.dlogits_config = table_dl
         finally:
             _config.dlogits_config = table_dl
+            os.environ.pop("MVLOSS_TRITON_DLOGITS", None)
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
                 for cfg in [None] + BACKWARD:

@@ -469,7 +469,27 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
-    assert {"device", "triton", "triton_ops", "chunked", "gemms"} <= set(rec)
+    assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
+    assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_persistent_ms"] > 0
+
+
+def test_triton_sweep_script_smoke(tmp_path):
+    """bench/triton_sweep.py times every configuration in both loop forms of each kernel (a small shape on a GPU,
+    --smoke elsewhere)."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_sweep.py")
+    out = tmp_path / "s.json"
+    args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
+    proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert all("ms" in r for r in recs), [r for r in recs if "ms" not in r]
+    assert {(r["kernel"], r["mode"]) for r in recs} == {("forward", "tiles"), ("forward", "flat"),
+                                                       ("backward_gemm", "tiles"), ("backward_gemm", "persistent")}
 
 
 # --------------------------------------------------------------------------------------------- dispatch rules
