@@ -32,10 +32,10 @@ _NO_KERNEL = {
     "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach",
     "alias", "lift_fresh", "_reshape_alias", "unbind", "split", "split_with_sizes", "narrow", "view_as",
     "expand_as", "resize_", "set_", "is_same_size", "_has_compatible_shallow_copy_type", "size", "stride",
-    "sym_size", "sym_stride", "sym_numel", "numel", "dim", "is_contiguous", "_local_scalar_dense", "clone_meta",
-    "_to_copy_meta", "unsqueeze_", "squeeze_", "as_strided_", "diagonal", "movedim", "values", "indices",
-    "result_type", "_nested_tensor_size", "prim_layout", "_conj", "conj", "_neg_view", "resolve_conj",
-    "resolve_neg", "numpy_T", "scalar_tensor", "_fw_primal", "_make_dual", "_unpack_dual", "real", "imag",
+    "sym_size", "sym_stride", "sym_numel", "numel", "dim", "is_contiguous", "unsqueeze_", "squeeze_",
+    "as_strided_", "diagonal", "movedim", "values", "indices", "result_type", "_conj", "conj", "_neg_view",
+    "resolve_conj", "resolve_neg", "numpy_T", "scalar_tensor", "_fw_primal", "_make_dual", "_unpack_dual", "real",
+    "imag",
 }
 # Composite ops that reach the mode inside a custom op's body: a kernel only when they copy.
 _MAYBE_ALIAS = {"to", "contiguous", "reshape", "flatten", "type_as"}
@@ -137,7 +137,7 @@ def _counting_triton(counts: collections.Counter):
 def _cuda_paths():
     """The CPU run takes the eager-CUDA branches: ``mvloss.autograd.triton_glue`` holds for CPU tensors too, and each
     GEMM of the Triton backward counts as the one op it is on a GPU (fp32 output, accumulation into dxhat); the
-    CPU has no half GEMM with fp32 output, so there it is computed uncounted and counted once)."""
+    CPU has no half GEMM with fp32 output, so there it is computed uncounted and counted once."""
     from .. import autograd
     from ..triton import backward_gemm
 
