@@ -36,8 +36,9 @@ class Backend:
     unavailable: Callable[[], Optional[str]] = lambda: None
     cannot_run: Callable[[CallSpec], Optional[str]] = lambda spec: None
     fused: bool = True                              # False for "reference": it materialises B x C itself
-    # Optional: the backward with the weight gradient finished inside (target rows, normalisation backward, W's
-    # dtype), so no C x D fp32 gradient exists; see mvloss.autograd and mvloss.triton.backward_fused_w.
+    # Optional: the backward with the target column's gradient (g_cos) and the weight gradient finished inside
+    # (normalisation backward, W's dtype), so no C x D fp32 gradient exists; see mvloss.autograd and
+    # mvloss.triton.backward_fused_w.
     backward_fused_w: Optional[Callable] = None
 
     def reason(self, spec: Optional[CallSpec] = None) -> Optional[str]:
