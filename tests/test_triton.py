@@ -146,6 +146,23 @@ def test_triton_flat_forward_is_the_same_sum(monkeypatch, dtype):
     assert_matches_reference(x, w, y, "triton", **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_targets_on_chunk_edges_and_zero_rows(monkeypatch, dtype):
+    """The target column's gradient rides in the backward's GEMMs: labels on the first and last class of every class
+    chunk and on the last class overall, a zero weight row as some rows' target and as everyone's negative, a zero
+    embedding (not in fp16), an ignored row."""
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(B * 64))  # chunks of 64 classes
+    x, w, _ = inputs({}, dtype, c=C)
+    x, w = x.clone(), w.clone()
+    edges = [c for c0 in range(0, C, 64) for c in (c0, min(c0 + 63, C - 1))] + [C - 1]
+    y = torch.tensor([edges[i % len(edges)] for i in range(B)], device=DEVICE)
+    if dtype != torch.float16:  # (fp16: d/dw of w / max(|w|, 1e-12) at w = 0 overflows; the reference is NaN)
+        w[edges[3]] = 0.0      # the target of a few rows, a negative of the others
+        x[5] = 0.0             # a zero embedding
+    y[7] = -100                # an ignored row
+    assert_matches_reference(x, w, y, "triton", m2=0.5, mv="adaptive", t=0.2, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("b", [B, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_persistent_dlogits_same_gradients(monkeypatch, dtype, b):
