@@ -29,7 +29,7 @@ BUILD=$!
 
 if has tests; then
   stamp "Triton tests"
-  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TRITON_TEST_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_triton.py \
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TRITON_TEST_TIMEOUT:-200}" "${PYTEST[@]}" tests/test_triton.py \
     > "$OUT/tests_triton.log" 2>&1
   tail -n 25 "$OUT/tests_triton.log"
   grep -h "^=== " "$OUT/failures.log" 2>/dev/null | head -n 30
@@ -53,7 +53,7 @@ if has timings; then
 fi
 if has sweep; then
   stamp "kernel sweep"
-  timeout "${SWEEP_TIMEOUT:-90}" "$PY" bench/triton_sweep.py --B 1024 --C 100000 --D 512 --out "$OUT/sweep.json" \
+  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C 100000 --D 512 --out "$OUT/sweep.json" \
     > /dev/null 2> "$OUT/sweep.err"
   "$PY" - "$OUT/sweep.json" <<'EOF'
 import json, sys
