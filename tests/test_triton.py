@@ -825,6 +825,24 @@ def test_triton_env_vars_documented():
         assert var in text
 
 
+def test_triton_fp32_precision_follows_torch_unless_set(monkeypatch):
+    """fp32 inputs: exact products by default, TF32 when PyTorch's fp32 GEMMs may use it (as the cuBLAS GEMMs of the
+    cuda backend do), the environment variable over both."""
+    from mvloss.triton import _config
+
+    monkeypatch.delenv("MVLOSS_TRITON_FP32_PRECISION", raising=False)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _config.fp32_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _config.fp32_precision() == "tf32"
+        monkeypatch.setenv("MVLOSS_TRITON_FP32_PRECISION", "tf32x3")
+        assert _config.fp32_precision() == "tf32x3"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @pytest.mark.parametrize("var", ["MVLOSS_TRITON_BACKWARD", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_FORWARD",
                                  "MVLOSS_TRITON_DLOGITS"])
 def test_triton_bad_env_values_raise(monkeypatch, var):

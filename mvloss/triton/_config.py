@@ -40,9 +40,12 @@ DLOGITS_MODES = ("tiles", "persistent")
 
 
 def fp32_precision() -> str:
-    """tl.dot precision for fp32 inputs: MVLOSS_TRITON_FP32_PRECISION = ieee (default: exact fp32 products, CUDA
-    cores), tf32x3 (three TF32 tensor-core products, close to fp32) or tf32 (fastest, ~1e-3 relative error)."""
-    return _choice("MVLOSS_TRITON_FP32_PRECISION", FP32_PRECISIONS, "ieee")
+    """tl.dot precision for fp32 inputs: MVLOSS_TRITON_FP32_PRECISION = ieee (exact fp32 products, CUDA cores),
+    tf32x3 (three TF32 tensor-core products, close to fp32) or tf32 (fastest, ~1e-3 relative error).  Unset, it
+    follows PyTorch's own setting for fp32 GEMMs, as the cuBLAS GEMMs of the other backends do:
+    ``torch.set_float32_matmul_precision("high")`` (or "medium") gives tf32, the default "highest" gives ieee."""
+    default = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return _choice("MVLOSS_TRITON_FP32_PRECISION", FP32_PRECISIONS, default)
 
 
 def backward_mode() -> str:
