@@ -72,10 +72,11 @@ def worker(args) -> dict:
         rss0 = proc_status_kb("VmRSS")
         if reset_peak_rss():
             lse, _ = chosen.forward(x, w, x_inv, w_inv, y, thr, scale, None, 2, 0.2, False)
-            out = chosen.backward(x, w, x_inv, w_inv, y, thr, scale, None, lse, g, torch.zeros_like(g), 2, 0.2,
-                                  False, False, False)
+            held = [chosen.backward(x, w, x_inv, w_inv, y, thr, scale, None, lse, g, torch.zeros_like(g), 2, 0.2,
+                                    False, False, False)]  # alive until the peak is read
             op_extra_mb = (proc_status_kb("VmHWM") - rss0) / 1024
-            del out, lse
+            held.clear()
+            del lse
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
@@ -153,7 +154,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "summary": summary, "results": results}, fh, indent=2)
-    lines = [f"# CPU backend benchmark", "", f"Command: `{meta['command']}`  ",
+    lines = ["# CPU backend benchmark", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['threads']} torch threads), torch {meta['torch']}  ",
              f"Shape: B={args.batch}, D={args.dim}, C={args.classes}, {args.dtype}; {meta['loss']}; "
              f"forward+backward, median of {args.iters} steps; {meta['date_utc']} UTC", "",

@@ -80,29 +80,25 @@ def main(argv=None) -> int:
             with open(a.out, "w") as f:
                 json.dump(records, f, indent=1)
 
-    try:
-        for mode in _config.FORWARD_MODES:
-            os.environ["MVLOSS_TRITON_FORWARD"] = mode
-            for cfg in [None] + FORWARD:
-                if cfg is not None:
-                    _config.forward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-                shown = dict(cfg or dict(table_fwd(B, D, dtype), table=True), mode=mode)
-                record("forward", shown, lambda: forward_lse.launch(*args))
-            _config.forward_config = table_fwd
-        os.environ.pop("MVLOSS_TRITON_FORWARD")
-        table_dl = _config.dlogits_config
+    def sweep(kernel, table_name, configs, mode_var, modes, fn):
+        """Each configuration (None: the table's own) in each loop form, the table restored afterwards."""
+        table = getattr(_config, table_name)
         try:
-            for mode in _config.DLOGITS_MODES:
-                os.environ["MVLOSS_TRITON_DLOGITS"] = mode
-                for cfg in [None] + DLOGITS:
-                    if cfg is not None:
-                        _config.dlogits_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
-                    shown = dict(cfg or dict(table_dl(B, D, dtype), table=True), mode=mode)
-                    record("backward_gemm", shown, lambda: backward_gemm.launch(*kargs, False))
-                _config.dlogits_config = table_dl
+            for mode in modes:
+                os.environ[mode_var] = mode
+                for cfg in [None] + configs:
+                    setattr(_config, table_name, table if cfg is None else (lambda *_, c=cfg: dict(c, BLOCK_K=bk)))
+                    shown = dict(cfg or dict(table(B, D, dtype), table=True), mode=mode)
+                    record(kernel, shown, fn)
         finally:
-            _config.dlogits_config = table_dl
-            os.environ.pop("MVLOSS_TRITON_DLOGITS", None)
+            setattr(_config, table_name, table)
+            os.environ.pop(mode_var, None)
+
+    try:
+        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", _config.FORWARD_MODES,
+              lambda: forward_lse.launch(*args))
+        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", _config.DLOGITS_MODES,
+              lambda: backward_gemm.launch(*kargs, False))
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
                 for cfg in [None] + BACKWARD:
