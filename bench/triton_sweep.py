@@ -24,7 +24,8 @@ FORWARD = [dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3)]
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3)]  # two programs per SM (~150 registers)
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
