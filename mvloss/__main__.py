@@ -27,6 +27,14 @@ def info() -> int:
     for b in mvloss.backends():
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
         print(f"  {b['name']:<10} {state}")
+    from .triton import _config
+
+    try:
+        settings = (f"forward {_config.forward_mode()}, recompute kernel {_config.dlogits_mode()}, backward "
+                    f"{_config.backward_mode()}, fp32 products {_config.fp32_precision()}")
+    except ValueError as exc:  # a misspelt environment variable: say which
+        settings = str(exc)
+    print(f"triton settings: {settings}")
     return 0
 
 

@@ -39,3 +39,4 @@ def test_info_command_lists_backends():
     for name in ("reference", "chunked", "triton", "cpu", "cuda"):
         assert name in out
     assert "torch" in out
+    assert "triton settings: forward tiles, recompute kernel tiles, backward gemm, fp32 products" in out
