@@ -3,7 +3,9 @@
 For class counts that outgrow one device.  ``ClassParallelHead`` keeps only its rank's rows of W; a forward
 
 1. all-gathers the embeddings (autograd-aware) and the labels of every rank (the *global batch*),
-2. computes the target cosine cos_iy on the rank that owns class y_i (zero on the others) and all-reduces it (sum),
+2. computes the target cosine cos_iy on the rank that owns class y_i (zero on the others) and all-reduces it (sum);
+   the negatives pass returns it again with its gradient, which it adds into its own dW of the shard (no second,
+   dense W-sized gradient),
 3. runs the O(B) target-side math (margin f, MV threshold, CurricularFace tau) on every rank, on the same global
    vectors -- the one definition in ``mvloss.margins`` / ``mvloss.loss``,
 4. runs the negatives pass (``mvloss.negatives``, any fused backend) over the *local* classes only, giving a per-row
@@ -361,11 +363,13 @@ class ClassParallelHead(nn.Module):
         owned = valid & (labels >= self.class_start) & (labels < self.class_end)
         local = torch.where(owned, labels - self.class_start, torch.zeros_like(labels))
 
-        # Target cosine: computed where this rank owns the label, summed over ranks (exactly one non-zero term).
-        cos_part = _loss.target_cosine(x, self.weight, local, cfg)
-        cos_y = _AllReduceSum.apply(torch.where(owned, cos_part, torch.zeros_like(cos_part)), comm)
-        thr = _loss.mask_thresholds(cos_y, valid, cfg)
-        z_y, scale = _loss.target_logits(cos_y, cfg, x)
+        # Target cosine: computed where this rank owns the label, summed over ranks (exactly one non-zero term).  The
+        # pre-pass has no graph; the negatives pass returns the same cosine with its gradient, whose weight part it
+        # adds into its own dW (no second dense gradient for the W shard).
+        target = _loss.target_rows_of(x, self.weight, local, owned, cfg)
+        cos_pre = comm.all_reduce(target[2].clone())
+        thr = _loss.mask_thresholds(cos_pre.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_pre, valid, cfg)
+        scale = _loss.scale_of(cfg, x)
 
         # Negatives over the local (sampled) classes.
         num_classes = self.num_classes
@@ -375,7 +379,7 @@ class ClassParallelHead(nn.Module):
             w_neg = self.weight.index_select(0, index)
             neg_labels = torch.where(owned, torch.searchsorted(index, local), torch.full_like(local, -1))
             if cfg.label_smoothing > 0:
-                count = torch.tensor([float(index.numel())], dtype=z_y.dtype, device=z_y.device)
+                count = torch.tensor([float(index.numel())], dtype=thr.dtype, device=thr.device)
                 num_classes = comm.all_reduce(count)[0]
         else:
             self.last_sampled_index = None
@@ -388,7 +392,12 @@ class ClassParallelHead(nn.Module):
         if not chosen.fused:
             raise ValueError(f"backend {chosen.name!r} materialises B x C and cannot run class-parallel; use 'auto' "
                              "or a fused backend (e.g. 'chunked')")
-        lse_part, zsum_part, _ = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg)
+        lse_part, zsum_part, cos_part = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg,
+                                                             target)
+        cos_y = _AllReduceSum.apply(cos_part, comm)
+        if cfg.clamp_cos:
+            cos_y = cos_y.clamp(-1.0, 1.0)
+        z_y, _ = _loss.target_logits(cos_y, cfg, x)
         lse_neg = _MergeLSE.apply(lse_part, comm)
         lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
         zsum = None

@@ -50,12 +50,17 @@ def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]
     the negatives pass so it does not gather and normalise the rows again."""
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
+    target = target_rows_of(x, weight, safe_labels, valid, cfg)
+    cos_y = target[2].clamp(-1.0, 1.0) if cfg.clamp_cos else target[2]
+    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg), target
+
+
+def target_rows_of(x, weight, safe_labels, has, cfg: LossConfig):
+    """Without a graph: (x-hat, w-hat at safe_labels, the raw cosine x-hat . w-hat where ``has``, else 0)."""
     with torch.no_grad():
         xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps,
                                    compute_dtype(x))
-        cos_raw = torch.where(valid, (xhat * what_y).sum(1), 0.0)
-        cos_y = cos_raw.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_raw
-    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg), (xhat, what_y, cos_raw)
+        return xhat, what_y, torch.where(has, (xhat * what_y).sum(1), 0.0)
 
 
 def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -69,14 +74,16 @@ def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -
     return margins.mask_threshold(cos_y, margins.margin_target(cos_y, cfg), cfg)
 
 
+def scale_of(cfg: LossConfig, like: torch.Tensor):
+    """The scale s: a number, or a 0-d tensor in the compute dtype (with its graph) when cfg.scale is a tensor."""
+    if isinstance(cfg.scale, torch.Tensor):
+        return cfg.scale.to(device=like.device, dtype=compute_dtype(like)).reshape(())
+    return float(cfg.scale)  # a Python number multiplies without a tensor of its own (a launch on a GPU)
+
+
 def target_logits(cos_y: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
-    """From the target cosines (with their graph): (z_y = s f(cos_y), the scale: a number, or a 0-d tensor in the
-    compute dtype when cfg.scale is a tensor)."""
-    scale = cfg.scale
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(device=like.device, dtype=compute_dtype(like)).reshape(())
-    else:
-        scale = float(scale)  # a Python number multiplies without a tensor of its own (a launch on a GPU)
+    """From the target cosines (with their graph): (z_y = s f(cos_y), the scale as ``scale_of`` gives it)."""
+    scale = scale_of(cfg, like)
     return scale * margins.margin_target(cos_y, cfg), scale
 
 

@@ -328,6 +328,32 @@ def test_without_process_group_is_single_process_head():
         _close(dw, ref_dw, "dW")
 
 
+def _grad_paths_into(loss, param) -> int:
+    """How many edges of loss's graph end in param's gradient accumulator."""
+    seen, stack, n = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and getattr(nxt, "variable", None) is param:
+                n += 1
+            stack.append(nxt)
+    return n
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_weight_shard_gets_one_gradient_path(backend):
+    """The target column's gradient reaches the W shard through the negatives pass (added into its dW), not through
+    a gather of the target rows: no second dense W-sized gradient to allocate and add."""
+    x, y, w = _data([9])
+    head = ClassParallelHead(D, C, backend=backend, **CASES["mv-arc"])
+    head.load_full_state_dict(w)
+    loss = head(x, y)
+    assert _grad_paths_into(loss, head.weight) == 1
+
+
 def test_auto_backend():
     """Whatever fused backend "auto" picks here runs the local negatives pass."""
     x, y, w = _data([9])
