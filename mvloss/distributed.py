@@ -197,6 +197,19 @@ class _AllReduceSum(torch.autograd.Function):
         return g, None
 
 
+class _KnownSum(torch.autograd.Function):
+    """_AllReduceSum of ``a`` whose sum over ranks, ``total``, is already known (all-reduced earlier without a
+    graph): no second all-reduce; backward is the same identity."""
+
+    @staticmethod
+    def forward(ctx, a, total):
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
 class _SumGradOverRanks(torch.autograd.Function):
     """Identity forward; backward sums the gradient over ranks.  For a replicated input (a learnable scale) that
     feeds a per-rank partial computation (the local negatives): each rank then holds the full gradient."""
@@ -394,7 +407,7 @@ class ClassParallelHead(nn.Module):
                              "or a fused backend (e.g. 'chunked')")
         lse_part, zsum_part, cos_part = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg,
                                                              target)
-        cos_y = _AllReduceSum.apply(cos_part, comm)
+        cos_y = _KnownSum.apply(cos_part, cos_pre)  # the same values as the pre-pass's all-reduced cosine
         if cfg.clamp_cos:
             cos_y = cos_y.clamp(-1.0, 1.0)
         z_y, _ = _loss.target_logits(cos_y, cfg, x)
