@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=4, help="class chunks of the Triton backward (4 = C 100k, B 1024)")
     p.add_argument("--no-cuda-paths", action="store_true")
     p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--table", metavar="PATH.md", help="write the standard table (triton at 4 and 31 class chunks, "
                    "the shapes of C = 100k and 1M at B = 1024; cpu; chunked) to a Markdown file")
     args = p.parse_args(argv)
@@ -280,6 +281,11 @@ def main(argv=None) -> int:
     step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
     step()  # warm: compiles, caches
     result = count_step(step, cuda_paths=not args.no_cuda_paths)
+    if args.json:
+        import json
+
+        print(json.dumps(result))
+        return 0
     print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks}: "
           f"{result['total']} launches ({result['aten']} ATen, {result['triton']} Triton), {result['syncs']} syncs")
     for name, n in result["by_site" if args.sites else "by_op"].items():
