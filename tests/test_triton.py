@@ -446,8 +446,8 @@ for dtype, b, d in cases:
         assert r["async_copies"] > 0 or d % 16, r
         if dtype == torch.bfloat16 and b == 1024:
             assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
-        # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide accumulators spill a little (3.8:
-        # <= 64 bytes, 3.6: up to 136)
+        # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
+        # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
         # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
         assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128}.get(kernel, 64), r
 print("ok")

@@ -240,7 +240,8 @@ def write_table(path: str, B: int, D: int, dtype, loss: str) -> int:
              f"torch {torch.__version__}, {loss}, {str(dtype).replace('torch.', '')}, B={B} D={D}, counted on the "
              f"CPU with the eager-CUDA branches (Triton under the interpreter); "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             "| backend | Triton backward chunks | launches | ATen | Triton | host syncs |", "|---|---:|---:|---:|---:|---:|"]
+             "| backend | Triton backward chunks | launches | ATen | Triton | host syncs |",
+             "|---|---:|---:|---:|---:|---:|"]
     for backend, C, chunks in TABLE_CASES:
         r = count_case(backend, B, C, D, dtype, loss, chunks)
         lines.append(f"| {backend} | {chunks if backend == 'triton' else '-'} | {r['total']} | {r['aten']} | "
