@@ -690,9 +690,10 @@ def test_triton_training_step_captures_in_a_cuda_graph():
         loss = F.arcface_loss(xe, we, y2, backend="triton", **kw)
         loss.backward()
         torch.cuda.synchronize()
-        for got, want in ((static_loss, loss.detach()), (sx.grad, xe.grad), (sw.grad, we.grad)):
+        # the gradients are bf16: cuBLAS may pick another algorithm inside the graph, an ulp of the largest entry
+        for got, want, tol in ((static_loss, loss.detach(), 1e-4), (sx.grad, xe.grad, 1e-2), (sw.grad, we.grad, 1e-2)):
             assert torch.isfinite(got).all()
-            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * want.abs().max().item())
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
 
 
 @gpu
