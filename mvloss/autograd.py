@@ -171,8 +171,8 @@ class NegativesFunction(torch.autograd.Function):
 
     cos_y = x-hat_i . w-hat_{y_i} (0 where the label is -1) rides along so the target column's gradient is added into
     the backend's dW in place (or carried by its own GEMMs) instead of a second dense C x D gradient for W.  The
-    caller may hand in the target rows it already computed (x-hat, w-hat_y, cos_y; no graph): they are then not
-    gathered and normalised a second time.
+    caller hands in the target rows its pre-pass computed without a graph (x-hat, w-hat_y and that cos_y), so they
+    are not gathered and normalised a second time.
     """
 
     @staticmethod
@@ -192,12 +192,7 @@ class NegativesFunction(torch.autograd.Function):
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
                                     bool(clamp), **kwargs)
-        if cos_y is None:
-            has, safe = _present(labels)
-            xhat, what_y = target_rows(x, w, safe, normalize_x, normalize_w, eps, vec_dtype)
-            cos_y = (xhat * what_y).sum(1) * has
-        else:
-            cos_y = cos_y.clone()  # an output of its own, not the caller's tensor
+        cos_y = cos_y.clone()  # an output of its own, not the caller's tensor
         # the target rows ride to the backward (2 x B x D) for backends without a fused weight gradient
         ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)

@@ -27,13 +27,6 @@ def _scale_vector(scale, n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), float(scale), device=like.device, dtype=dtype)
 
 
-def target_cosine(x, weight, safe_labels, cfg: LossConfig) -> torch.Tensor:
-    """cos_iy with autograd through both normalisations (O(B*D): a gather of B rows of W)."""
-    xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps, compute_dtype(x))
-    cos_y = (xhat * what_y).sum(1)
-    return cos_y.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_y
-
-
 def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> None:
     """CurricularFace's EMA of the mean target cosine, updated in place before use (as FaceX-Zoo does)."""
     if cfg.mv != "curricular" or cfg.tau_momentum <= 0 or not isinstance(cfg.t, torch.Tensor):
@@ -95,11 +88,10 @@ def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.B
     return dispatch.select(backend, spec)
 
 
-def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig,
-                   target=(None, None, None)):
+def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig, target):
     """(lse_neg, zsum_neg, cos_y) over every class k != neg_labels_i (-1: none excluded) with a fused backend;
     cos_y is the raw target cosine (0 where neg_labels is -1), differentiable.  ``target``: the pre-pass's
-    (x-hat, w-hat_y, cos_y) for these labels, if it has them.  ``scale``: a number or a 0-d tensor."""
+    (x-hat, w-hat_y, cos_y) for these labels (``target_rows_of``).  ``scale``: a number or a 0-d tensor."""
     scale_vec = _scale_vector(scale, x.shape[0], x)
     return NegativesFunction.apply(
         x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), *target,
