@@ -99,20 +99,18 @@ def _chunk_w_grad(w: torch.Tensor) -> bool:
     return w.shape[0] * w.shape[1] * 4 > w_grad_chunk_bytes()
 
 
-def backward_w_by_chunks(backend_backward, x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos,
-                         treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs):
+def backward_w_by_chunks(backend_backward, xhat, what_y, x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse,
+                         g_sum, g_cos, treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs):
     """Any backend's backward, class chunk by class chunk, each chunk's dwhat finished at once into dW (target rows,
     normalisation backward, W's dtype): the same result as one call, with fp32 buffers of one chunk, not C x D.
-    Same signature and return as ``Backend.backward_fused_w``."""
+    With ``backend_backward`` and the forward's target rows (x-hat, w-hat_y) bound, the same signature and return as
+    ``Backend.backward_fused_w``."""
     C, D = w.shape
     dt = x_inv.dtype
     step = max(1, w_grad_chunk_bytes() // (4 * max(D, 1)))
-    has, safe = _present(labels)
-    g = g_cos.to(dt) * has
+    safe, dxhat, rows = _target_grads(g_cos, labels, xhat, what_y, dt)
     target_chunk, target_local = target_rows_by_chunk(safe, step)
-    rows = g[:, None] * (x.to(dt) * x_inv[:, None])
     w_out = torch.empty_like(w)
-    dxhat = g[:, None] * (w[safe].to(dt) * w_inv[safe][:, None])
     dscale = None
     dbias = torch.empty(C, dtype=dt, device=w.device) if need_dbias else None
     for c0 in range(0, C, step):
@@ -160,10 +158,13 @@ def target_rows(x, w, safe_labels, normalize_x, normalize_w, eps, dt):
     return xhat, what_y
 
 
-def _present(labels):
-    """(rows that have a target class (label >= 0), labels with -1 replaced by class 0)."""
+def _target_grads(g_cos, labels, xhat, what_y, dt):
+    """The target column's part of the gradients, from the upstream gradient of cos_y: (each row's class, with -1
+    replaced by 0; the dxhat rows g_cos_i w-hat_{y_i}; the dwhat rows g_cos_i x-hat_i to add at those classes), in
+    ``dt``, zero where the label is -1."""
     has = labels >= 0
-    return has, torch.where(has, labels, 0)
+    g = g_cos.to(dt) * has
+    return torch.where(has, labels, 0), g[:, None] * what_y, g[:, None] * xhat
 
 
 class NegativesFunction(torch.autograd.Function):
@@ -219,10 +220,9 @@ class NegativesFunction(torch.autograd.Function):
         if g_cos is not None:  # the target column: O(B*D), in place
             dt = x_inv.dtype
             dxhat, dwhat = dxhat.to(dt), dwhat.to(dt)
-            has, safe = _present(labels)
-            g = g_cos.to(dt) * has
-            dxhat = dxhat + g[:, None] * what_y
-            dwhat.index_add_(0, safe, g[:, None] * xhat)
+            safe, dx_rows, dw_rows = _target_grads(g_cos, labels, xhat, what_y, dt)
+            dxhat = dxhat + dx_rows
+            dwhat.index_add_(0, safe, dw_rows)
         dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
@@ -233,11 +233,11 @@ class NegativesFunction(torch.autograd.Function):
         """Same gradients, with dW finished per class chunk: by the backend itself (Backend.backward_fused_w) or, for
         a large W, by ``backward_w_by_chunks``.  Both take the target column's gradient g_cos and return dxhat and
         dW with it included, dW through the normalisation backward in W's dtype."""
-        x, w, x_inv, w_inv, labels, thr, scale, bias, lse = ctx.saved_tensors[:9]
+        x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         dt = x_inv.dtype
         g = torch.zeros_like(lse) if g_cos is None else g_cos.to(lse.dtype)
-        fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward)
+        fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward, xhat, what_y)
         dxhat, dw, dscale, dbias = fused(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype), g,
             treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs)
