@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import loss as _loss
+from . import margins
 from ._validate import check_label_range
 from .config import LossConfig
 
@@ -381,8 +382,8 @@ class ClassParallelHead(nn.Module):
         # adds into its own dW (no second dense gradient for the W shard).
         target = _loss.target_rows_of(x, self.weight, local, owned, cfg)
         cos_pre = comm.all_reduce(target[2].clone())
-        thr = _loss.mask_thresholds(cos_pre.clamp(-1.0, 1.0) if cfg.clamp_cos else cos_pre, valid, cfg)
-        scale = _loss.scale_of(cfg, x)
+        thr = _loss.mask_thresholds(margins.clamp_cos(cos_pre, cfg), valid, cfg)
+        scale = _loss.scale_of(cfg.scale, x)
 
         # Negatives over the local (sampled) classes.
         num_classes = self.num_classes
@@ -408,9 +409,7 @@ class ClassParallelHead(nn.Module):
         lse_part, zsum_part, cos_part = _loss.negatives_pass(chosen, x, w_neg, None, neg_labels, thr, scale_neg, cfg,
                                                              target)
         cos_y = _KnownSum.apply(cos_part, cos_pre)  # the same values as the pre-pass's all-reduced cosine
-        if cfg.clamp_cos:
-            cos_y = cos_y.clamp(-1.0, 1.0)
-        z_y, _ = _loss.target_logits(cos_y, cfg, x)
+        z_y, _ = _loss.target_logits(margins.clamp_cos(cos_y, cfg), cfg, x)
         lse_neg = _MergeLSE.apply(lse_part, comm)
         lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
         zsum = None

@@ -21,10 +21,10 @@ from .negatives import compute_dtype
 def _scale_vector(scale, n: int, like: torch.Tensor) -> torch.Tensor:
     """The scale per row, (n,) in the compute dtype: from a number (one fill on the device; torch.tensor would copy
     from pageable host memory, a stall on every CUDA step) or from a 0-d tensor (with its graph)."""
-    dtype = compute_dtype(like)
-    if isinstance(scale, torch.Tensor):
-        return scale.to(device=like.device, dtype=dtype).reshape(()).expand(n).contiguous()
-    return torch.full((n,), float(scale), device=like.device, dtype=dtype)
+    s = scale_of(scale, like)
+    if isinstance(s, torch.Tensor):
+        return s.expand(n).contiguous()
+    return torch.full((n,), s, device=like.device, dtype=compute_dtype(like))
 
 
 def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> None:
@@ -44,8 +44,7 @@ def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
     target = target_rows_of(x, weight, safe_labels, valid, cfg)
-    cos_y = target[2].clamp(-1.0, 1.0) if cfg.clamp_cos else target[2]
-    return valid, safe_labels, mask_thresholds(cos_y, valid, cfg), target
+    return valid, safe_labels, mask_thresholds(margins.clamp_cos(target[2], cfg), valid, cfg), target
 
 
 def target_rows_of(x, weight, safe_labels, has, cfg: LossConfig):
@@ -67,16 +66,16 @@ def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -
     return margins.mask_threshold(cos_y, margins.margin_target(cos_y, cfg), cfg)
 
 
-def scale_of(cfg: LossConfig, like: torch.Tensor):
-    """The scale s: a number, or a 0-d tensor in the compute dtype (with its graph) when cfg.scale is a tensor."""
-    if isinstance(cfg.scale, torch.Tensor):
-        return cfg.scale.to(device=like.device, dtype=compute_dtype(like)).reshape(())
-    return float(cfg.scale)  # a Python number multiplies without a tensor of its own (a launch on a GPU)
+def scale_of(scale, like: torch.Tensor):
+    """The scale s (cfg.scale): a number, or a 0-d tensor in the compute dtype (with its graph) when it is a tensor."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=like.device, dtype=compute_dtype(like)).reshape(())
+    return float(scale)  # a Python number multiplies without a tensor of its own (a launch on a GPU)
 
 
 def target_logits(cos_y: torch.Tensor, cfg: LossConfig, like: torch.Tensor):
     """From the target cosines (with their graph): (z_y = s f(cos_y), the scale as ``scale_of`` gives it)."""
-    scale = scale_of(cfg, like)
+    scale = scale_of(cfg.scale, like)
     return scale * margins.margin_target(cos_y, cfg), scale
 
 
@@ -145,9 +144,7 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     valid, safe_labels, thr, target = target_side(x, weight, labels, cfg, bias)
     neg_labels = torch.where(valid, labels, -1)
     lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, cfg.scale, cfg, target)
-    if cfg.clamp_cos:
-        cos_y = cos_y.clamp(-1.0, 1.0)
-    z_y, _ = target_logits(cos_y, cfg, x)
+    z_y, _ = target_logits(margins.clamp_cos(cos_y, cfg), cfg, x)
     if bias is not None:
         z_y = z_y + bias[safe_labels].to(z_y.dtype)
     lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)

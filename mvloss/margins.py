@@ -16,6 +16,11 @@ def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0)
 
 
+def clamp_cos(cos: torch.Tensor, cfg) -> torch.Tensor:
+    """The cosines as the margins see them: clamped to [-1, 1] when ``cfg.clamp_cos`` (FaceX-Zoo's convention)."""
+    return cos.clamp(-1.0, 1.0) if cfg.clamp_cos else cos
+
+
 def cos_plus_margin(c: torch.Tensor, m: float) -> torch.Tensor:
     """cos(theta + m) = cos cos m - sin sin m, without acos."""
     return c * math.cos(m) - safe_sqrt(1.0 - c * c) * math.sin(m)

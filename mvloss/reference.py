@@ -26,7 +26,7 @@ def cosine_matrix(x: torch.Tensor, weight: torch.Tensor, cfg: LossConfig) -> tor
     xn = _normalize(x, cfg.eps) if cfg.normalize_x else x
     wn = _normalize(weight, cfg.eps) if cfg.normalize_w else weight
     cos = (xn @ wn.T).to(compute_dtype(x))
-    return cos.clamp(-1.0, 1.0) if cfg.clamp_cos else cos
+    return margins.clamp_cos(cos, cfg)
 
 
 def logits(x, weight, labels, cfg: LossConfig, bias=None) -> torch.Tensor:
