@@ -30,6 +30,13 @@ def _vec(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _empty_batch_grads(D: int, C: int, need_dbias: bool, device):
+    """(dxhat, dscale, dbias) of a backward over zero rows: nothing flows anywhere."""
+    return (torch.zeros((0, D), dtype=torch.float32, device=device),
+            torch.zeros((0,), dtype=torch.float32, device=device),
+            torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=device))
+
+
 def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum):
     """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors."""
     return (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
@@ -62,11 +69,8 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
     C = w.shape[0]
     args = _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum)
     if B == 0:
-        dxhat = torch.zeros((0, D), dtype=torch.float32, device=x.device)
-        dwhat = torch.zeros((C, D), dtype=torch.float32, device=x.device)
-        dscale = torch.zeros((0,), dtype=torch.float32, device=x.device)
-        dbias = torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device)
-        return dxhat, dwhat, dscale, dbias
+        dxhat, dscale, dbias = _empty_batch_grads(D, C, need_dbias, x.device)
+        return dxhat, torch.zeros((C, D), dtype=torch.float32, device=x.device), dscale, dbias
     need_dbias = need_dbias and bias is not None
     if _config.backward_mode() == "recompute":
         dxhat, dscale = backward_dx.launch(*args, treatment, param, clamp, need_dscale)
@@ -94,8 +98,6 @@ def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor,
     need_dbias = need_dbias and bias is not None
     finish = (_vec(g_cos), w_out, bool(normalize_w), float(eps))
     if B == 0:
-        w_out.zero_()
-        return (torch.zeros((0, D), dtype=torch.float32, device=x.device), w_out,
-                torch.zeros((0,), dtype=torch.float32, device=x.device),
-                torch.zeros((C,) if need_dbias else (0,), dtype=torch.float32, device=x.device))
+        dxhat, dscale, dbias = _empty_batch_grads(D, C, need_dbias, x.device)
+        return dxhat, w_out.zero_(), dscale, dbias
     return backward_gemm.launch(*args, treatment, param, clamp, need_dscale, need_dbias, finish_w=finish)
