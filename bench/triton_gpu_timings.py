@@ -22,6 +22,7 @@ allocated before the step.  The device name is in every record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,21 @@ import time
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Environment variables set for the enclosed code, then put back as they were (e.g. a candidate kernel)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _sync(device: torch.device) -> None:
@@ -116,13 +132,9 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
 
     # the candidate kernels (MVLOSS_TRITON_FORWARD=flat, MVLOSS_TRITON_DLOGITS=persistent) in the same full step
     candidates = {"MVLOSS_TRITON_FORWARD": "flat", "MVLOSS_TRITON_DLOGITS": "persistent"}
-    os.environ.update(candidates)
-    try:
+    with env(**candidates):
         ms_s = timed(loss_step("triton"))
-        rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
-    finally:
-        for var in candidates:
-            os.environ.pop(var)
+    rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
 
     # the eager step captured in a CUDA graph: its GPU time alone, none of the host's launch overhead
     if device.type == "cuda":
@@ -163,11 +175,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     bargs = args[:8] + (lse, torch.ones(B, device=device) / B, torch.zeros(B, device=device), 2, 0.2, False,
                         False, False)
     ms_f = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
-    os.environ["MVLOSS_TRITON_FORWARD"] = "flat"  # the candidate forward loop (see mvloss/triton/README.md)
-    try:
+    with env(MVLOSS_TRITON_FORWARD="flat"):  # the candidate forward loop (see mvloss/triton/README.md)
         ms_flat = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
-    finally:
-        os.environ.pop("MVLOSS_TRITON_FORWARD")
     ms_b = timed(lambda: torch.ops.mvloss.triton_neg_backward(*bargs))
     rec["triton_ops"] = dict(fwd_ms=ms_f, fwd_flat_ms=ms_flat, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
                              fwd_flat_tflops=fwd_flops / ms_flat / 1e9,
@@ -182,11 +191,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     wargs = bargs[:11] + (torch.ones(B, device=device),) + bargs[11:] + (True, 1e-12)
     rec["triton_ops"]["bwd_w_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
     rec["triton_ops"]["bwd_w_peak_mb"] = peak(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
-    os.environ["MVLOSS_TRITON_DLOGITS"] = "persistent"  # the candidate recompute kernel (mvloss/triton/README.md)
-    try:
+    with env(MVLOSS_TRITON_DLOGITS="persistent"):  # the candidate recompute kernel (mvloss/triton/README.md)
         rec["triton_ops"]["bwd_w_persistent_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
-    finally:
-        os.environ.pop("MVLOSS_TRITON_DLOGITS")
     rec["triton_ops"]["recompute_dx_ms"] = timed(lambda: backward_dx.launch(*kargs))
     rec["triton_ops"]["recompute_dw_ms"] = timed(lambda: backward_dw.launch(*kargs))
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         a.B, a.C, a.D, a.dtype = 5, 300, 24, "fp32"
     sys.path.insert(0, os.path.dirname(__file__))
-    from triton_gpu_timings import DTYPES, _time
+    from triton_gpu_timings import DTYPES, _time, env
 
     from mvloss.negatives import inverse_norms
     from mvloss.triton import _config, backward_dw, backward_dx, backward_gemm, forward_lse
@@ -86,14 +86,14 @@ def main(argv=None) -> int:
         table = getattr(_config, table_name)
         try:
             for mode in modes:
-                os.environ[mode_var] = mode
-                for cfg in [None] + configs:
-                    setattr(_config, table_name, table if cfg is None else (lambda *_, c=cfg: dict(c, BLOCK_K=bk)))
-                    shown = dict(cfg or dict(table(B, D, dtype), table=True), mode=mode)
-                    record(kernel, shown, fn)
+                with env(**{mode_var: mode}):
+                    for cfg in [None] + configs:
+                        setattr(_config, table_name,
+                                table if cfg is None else (lambda *_, c=cfg: dict(c, BLOCK_K=bk)))
+                        shown = dict(cfg or dict(table(B, D, dtype), table=True), mode=mode)
+                        record(kernel, shown, fn)
         finally:
             setattr(_config, table_name, table)
-            os.environ.pop(mode_var, None)
 
     try:
         sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", _config.FORWARD_MODES,
