@@ -490,6 +490,23 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_persistent_ms"] > 0
 
 
+def test_triton_accuracy_script(tmp_path):
+    """bench/triton_accuracy.py writes its table, every error finite and below PyTorch's own at the same dtype."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_accuracy.py")
+    out = tmp_path / "acc.md"
+    proc = subprocess.run([sys.executable, script, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith("| bfloat16") or
+            ln.startswith("| float16")]
+    assert len(rows) == 8
+    for row in rows:
+        tri, ref = [float(v) for v in row[2:5]], [float(v) for v in row[5:8]]
+        assert all(e < r for e, r in zip(tri[1:], ref[1:])), row  # dx and dW
+
+
 def test_triton_sweep_script_smoke(tmp_path):
     """bench/triton_sweep.py times every configuration in both loop forms of each kernel (a small shape on a GPU,
     --smoke elsewhere)."""
