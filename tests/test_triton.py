@@ -257,9 +257,12 @@ def test_autograd_one_pass_norm_backward(dtype):
 @pytest.mark.parametrize("backend", ["triton", "chunked", "cpu"])
 def test_eager_cuda_glue_kernels_give_the_same_loss(monkeypatch, backend):
     """With ``mvloss.autograd.triton_glue`` on (what eager CUDA tensors get: both inverse norms in one Triton kernel,
-    the one-pass normalisation backward), any backend still matches the reference; run here on CPU tensors."""
+    the one-pass normalisation backward), any backend still matches the reference; forced on for CPU tensors under
+    the interpreter, natural on a GPU."""
     from mvloss import autograd, dispatch
 
+    if backend == "cpu" and DEVICE == "cuda":
+        pytest.skip("the cpu backend never runs CUDA tensors, the only ones the glue is for (runs where DEVICE is cpu)")
     if dispatch.get(backend).reason() is not None:
         pytest.fail(f"backend {backend} unavailable: {dispatch.get(backend).reason()}")
     monkeypatch.setattr(autograd, "triton_glue", lambda t: t.dtype != torch.float64)
@@ -360,6 +363,37 @@ def test_triton_backward_is_bitwise_deterministic(monkeypatch):
         outs.append((lse, zsum) + grads[:3])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_triton_kernel_launches_get_whole_tensors(monkeypatch):
+    """No Triton launch of a training step is handed a view (a slice of a bigger tensor): a row block is passed as the
+    whole tensor and its first row.  torch.compile (2.11) turns a user kernel's write into a slice into a functional
+    copy sized to the slice's end and then reads past it (illegal memory access at C = 100k, several class chunks)."""
+    from mvloss.triton import _config
+
+    views = []
+    real = _config.launcher
+
+    def spying_launcher(kernel):
+        launch = real(kernel)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+                    views.extend((name, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a._is_view())
+                    return launch[grid](*args, **kwargs)
+                return run
+        return Spy()
+
+    monkeypatch.setattr(_config, "launcher", spying_launcher)
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(16 * 64))  # 64 classes a chunk: 5 chunks
+    x, w, y = make_inputs(16, 300, 24, device=DEVICE)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    F.arcface_loss(x, w, y, backend="triton", mv="adaptive", t=0.2, label_smoothing=0.1).backward()
+    assert x.grad is not None and w.grad is not None
+    assert not views, f"kernel launches given views (kernel, argument index): {views}"
 
 
 def test_triton_inverse_norms_kernel():
@@ -715,7 +749,12 @@ def test_triton_training_step_captures_in_a_cuda_graph():
 
 @gpu
 @pytest.mark.slow
-def test_triton_compile_fullgraph_training_step():
+@pytest.mark.parametrize("workspace", [None, 64 * 1024])
+def test_triton_compile_fullgraph_training_step(workspace, monkeypatch):
+    """Compiled against eager, with one class chunk and with five (the per-chunk writes into dW under Inductor)."""
+    if workspace:
+        monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(workspace))
+    torch._dynamo.reset()  # the chunking is read while tracing: no graph cached from the other case
     x, w, y = make_inputs(64, 5000, 128, torch.bfloat16, ignore=(2,), device="cuda")
 
     def loss_fn(x, w, y):

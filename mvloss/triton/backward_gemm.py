@@ -241,7 +241,7 @@ def _finish_chunk(dw_c, c0, c1, w, w_inv, w_out, normalize_w, eps):
     into w_out[c0:c1], in W's dtype: d/dw of w / max(|w|, eps) applied to dwhat is exactly the projection of
     w_inv dwhat off w-hat, so the scaled chunk needs no rescaling."""
     if norm_backward.supports(dw_c.shape[1]):
-        norm_backward.launch(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w, w_out[c0:c1], prescaled=True)
+        norm_backward.launch(dw_c, w, w_inv, eps, normalize_w, w_out, prescaled=True, row0=c0)
     else:
         dw_c /= w_inv[c0:c1, None]
         w_out[c0:c1] = normalization_backward(dw_c, w[c0:c1], w_inv[c0:c1], eps, normalize_w)

@@ -14,18 +14,20 @@ MAX_D = 8192  # one program holds whole rows; wider rows use the PyTorch path
 
 
 @triton.jit
-def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, D, sdr, sdd, str_, std, sor, sod, eps,
+def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, row0, D, sdr, sdd, str_, std, sor, sod, eps,
                          NORMALIZE: tl.constexpr, PRESCALED: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    rows64 = rows.to(tl.int64)
+    """Row r of d goes with row row0 + r of t, inv and out."""
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = local < R
+    rows64 = local.to(tl.int64)
+    trows64 = rows64 + row0
     cols64 = tl.arange(0, BLOCK_D).to(tl.int64)
     m = rmask[:, None] & (cols64[None, :] < D)
     d = tl.load(d_ptr + rows64[:, None] * sdr + cols64[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
     if NORMALIZE:
-        inv = tl.load(inv_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
-        t = tl.load(t_ptr + rows64[:, None] * str_ + cols64[None, :] * std, mask=m, other=0.0).to(tl.float32)
+        inv = tl.load(inv_ptr + trows64, mask=rmask, other=1.0).to(tl.float32)
+        t = tl.load(t_ptr + trows64[:, None] * str_ + cols64[None, :] * std, mask=m, other=0.0).to(tl.float32)
         that = t * inv[:, None]
         dot = tl.sum(d * that, axis=1)
         projected = d - dot[:, None] * that
@@ -34,7 +36,7 @@ def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, D, sdr, sdd, str_, s
         d = tl.where(above[:, None], projected, d)
         if not PRESCALED:  # a prescaled d is dhat * inv already
             d = d * inv[:, None]
-    tl.store(out_ptr + rows64[:, None] * sor + cols64[None, :] * sod, d.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + trows64[:, None] * sor + cols64[None, :] * sod, d.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def supports(dim: int) -> bool:
@@ -42,10 +44,13 @@ def supports(dim: int) -> bool:
 
 
 def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, normalize: bool,
-           out: torch.Tensor, prescaled: bool = False) -> torch.Tensor:
-    """Write the gradient w.r.t. t (rows of ``t``; ``dhat`` fp32 of the same shape) into ``out`` and return it.
-    ``prescaled``: ``dhat`` holds each row already multiplied by its ``inv`` (with ``normalize`` only)."""
-    R, D = t.shape
+           out: torch.Tensor, prescaled: bool = False, row0: int = 0) -> torch.Tensor:
+    """Write the gradient w.r.t. rows [row0, row0 + len(dhat)) of ``t`` (``dhat`` fp32, one row per such row) into
+    the same rows of ``out`` and return ``out``.  ``prescaled``: ``dhat`` holds each row already multiplied by its
+    ``inv`` (with ``normalize`` only).  ``inv`` is contiguous.  A row block is addressed by ``row0`` in the whole
+    tensors, not passed as a slice: under torch.compile (2.11) a user kernel that writes into a slice gets a
+    functional copy sized to the slice's end, which Inductor then reads past (illegal memory access)."""
+    R, D = dhat.shape
     if R == 0:
         return out
     block_d = triton.next_power_of_2(max(D, 16))
@@ -54,7 +59,7 @@ def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, n
         block_r = min(block_r, 8)
     grid = (triton.cdiv(R, block_r),)
     _config.launcher(norm_backward_kernel)[grid](
-        dhat, t, inv, out, R, D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
+        dhat, t, inv, out, R, int(row0), D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
         out.stride(1), float(eps), NORMALIZE=bool(normalize), PRESCALED=bool(prescaled) and bool(normalize),
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 2048 else 8)
