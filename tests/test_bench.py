@@ -39,6 +39,22 @@ def test_measure_in_process_and_floor_ratio():
     assert by["cce"]["status"].startswith("unavailable")
 
 
+def test_compiled_mvloss_method():
+    """mvloss:<backend>+compile times the loss under torch.compile; the Triton one says why it cannot run on a CPU."""
+    from mvloss import dispatch
+    from mvloss.bench import methods
+
+    backend = "cpu" if dispatch.get("cpu").reason() is None else "chunked"
+    case = dict(loss="mv_arc", dtype="fp32", B=8, C=300, D=16, device="cpu", **{"pass": "fwd+bwd"})
+    row = runner.measure(dict(case, method=f"mvloss:{backend}+compile"), budget_s=0.05)
+    assert row["status"] == "ok" and row["ms"] > 0, row
+    assert "needs a GPU" in runner.measure(dict(case, method="mvloss:triton+compile"), budget_s=0.05)["status"]
+    assert f"mvloss:{backend}+compile" in methods.METHODS
+    x, w, y = runner.make_inputs(8, 300, 16, torch.float32, torch.device("cpu"))
+    eager, compiled = methods.make(f"mvloss:{backend}", "mv_arc"), methods.make(f"mvloss:{backend}+compile", "mv_arc")
+    torch.testing.assert_close(compiled(x, w, y), eager(x, w, y), rtol=1e-5, atol=1e-6)
+
+
 def test_eager_head_equals_mvloss():
     from mvloss import functional as F
     from mvloss.bench.methods import LOSSES, eager_head_loss
@@ -64,3 +80,25 @@ def test_cli_quick_run_writes_results_and_compare_fails_on_regression(tmp_path):
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"rows": fast}))
     assert cli.main(args + ["--compare", str(baseline), "--no-plots"]) == 1
+
+
+def test_compiled_step_check_script_on_cpu_backends():
+    """bench/compiled_step_check.py (compiled against eager step) runs and passes on the C++ CPU backend and fails
+    on an impossible tolerance (the check can fail)."""
+    import os
+    import subprocess
+    import sys
+
+    from mvloss import dispatch
+
+    backend = "cpu" if dispatch.get("cpu").reason() is None else "chunked"
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "compiled_step_check.py")
+    args = [sys.executable, script, "--backend", backend, "--device", "cpu", "--dtype", "fp32", "--B", "8", "--C",
+            "300", "--D", "16"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ok = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    rec = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert rec["ok"] and rec["pass"] and rec["dx_err"] < 1e-4 and rec["dw_err"] < 1e-4, rec
+    strict = subprocess.run(args + ["--tol", "-1"], capture_output=True, text=True, timeout=600, env=env)
+    assert strict.returncode == 1, strict.stdout

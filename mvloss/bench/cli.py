@@ -21,8 +21,8 @@ FULL_GRID = dict(B=[256, 1024], D=[128, 512], C=[10_000, 100_000, 1_000_000, 10_
 CPU_GRID = dict(B=[256], D=[128], C=[10_000, 100_000], dtype=["fp32"], loss=["mv_arc"], passes=["fwd", "fwd+bwd"])
 QUICK_GRID = dict(B=[32], D=[16], C=[500, 2000], dtype=["fp32"], loss=["mv_arc"], passes=["fwd+bwd"])
 CPU_METHODS = ["mvloss:cpu", "mvloss:chunked", "reference", "eager_head", "gemm_floor"]
-GPU_METHODS = ["mvloss:triton", "mvloss:cuda", "mvloss:chunked", "reference", "reference_compiled", "eager_head",
-               "eager_head_compiled", "gemm_floor", "cce", "liger"]
+GPU_METHODS = ["mvloss:triton", "mvloss:triton+compile", "mvloss:cuda", "mvloss:chunked", "reference",
+               "reference_compiled", "eager_head", "eager_head_compiled", "gemm_floor", "cce", "liger"]
 FIELDS = ["method", "loss", "dtype", "B", "C", "D", "pass", "ms", "tflops", "floor_ratio", "peak_extra_mb",
           "status", "device"]
 
@@ -244,8 +244,9 @@ def main(argv=None) -> int:
     if args.largest_c:
         if device.type == "cuda":
             for m in args.methods or GPU_METHODS:
-                if m != "gemm_floor" and methods.unavailable(m, "mv_arc", device, torch.bfloat16,
-                                                             1024, 100_000, 512) is None:
+                searchable = m != "gemm_floor" and not m.endswith(methods.COMPILE)  # compiled: one shape only
+                if searchable and methods.unavailable(m, "mv_arc", device, torch.bfloat16, 1024, 100_000,
+                                                      512) is None:
                     extra.append(largest_c(m, device))
                     print("largest " + json.dumps(extra[-1]), flush=True)
         else:

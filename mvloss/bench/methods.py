@@ -1,5 +1,6 @@
-"""The methods a benchmark compares: every mvloss backend, the reference (eager and compiled), the eager head users
-write today (F.linear + margin + cross_entropy), the bare GEMM floor, and Cut Cross-Entropy / Liger on NormFace."""
+"""The methods a benchmark compares: every mvloss backend (eager, and ``mvloss:<backend>+compile`` under
+torch.compile, fullgraph), the reference (eager and compiled), the eager head users write today (F.linear + margin +
+cross_entropy, eager and compiled), the bare GEMM floor, and Cut Cross-Entropy / Liger on NormFace."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +21,15 @@ LOSSES = {
 FUSED_BACKENDS = ("triton", "cuda", "cpu", "chunked")
 OTHER_METHODS = ("reference", "reference_compiled", "eager_head", "eager_head_compiled", "gemm_floor", "cce",
                  "liger")
-METHODS = tuple(f"mvloss:{b}" for b in FUSED_BACKENDS) + OTHER_METHODS
+COMPILE = "+compile"  # suffix of an mvloss method: the loss under torch.compile(fullgraph=True)
+METHODS = (tuple(f"mvloss:{b}" for b in FUSED_BACKENDS) + tuple(f"mvloss:{b}{COMPILE}" for b in FUSED_BACKENDS)
+           + OTHER_METHODS)
+
+
+def _mvloss_backend(method: str) -> tuple[str, bool]:
+    """'mvloss:triton+compile' -> ('triton', True)."""
+    name = method.split(":", 1)[1]
+    return (name[: -len(COMPILE)], True) if name.endswith(COMPILE) else (name, False)
 
 
 def eager_head_loss(x, w, y, loss: str):
@@ -55,8 +64,13 @@ def unavailable(method: str, loss: str, device: torch.device, dtype: torch.dtype
                 ) -> Optional[str]:
     """Why a method cannot run this case (None when it can)."""
     if method.startswith("mvloss:"):
+        backend, compiled = _mvloss_backend(method)
+        if compiled and backend == "triton" and device.type == "cpu":
+            return "torch.compile of the Triton backend needs a GPU (the interpreter cannot be traced)"
         spec = dispatch.CallSpec(device, dtype, B, C, D, False, False, False)
-        return dispatch.get(method.split(":", 1)[1]).reason(spec)
+        why = dispatch.get(backend).reason(spec)
+        if why is not None or not compiled:
+            return why
     if method in ("cce", "liger"):
         if loss != "normface":
             return "only NormFace (no margin) is expressible"
@@ -65,7 +79,7 @@ def unavailable(method: str, loss: str, device: torch.device, dtype: torch.dtype
         module = "cut_cross_entropy" if method == "cce" else "liger_kernel"
         if importlib.util.find_spec(module) is None:
             return f"{module} not installed (pip install '.[bench]')"
-    if method.endswith("_compiled") and device.type == "cpu" and C * B > 50_000_000:
+    if (method.endswith("_compiled") or method.endswith(COMPILE)) and device.type == "cpu" and C * B > 50_000_000:
         return "torch.compile on CPU at this size takes too long"
     return None
 
@@ -73,7 +87,8 @@ def unavailable(method: str, loss: str, device: torch.device, dtype: torch.dtype
 def make(method: str, loss: str) -> Callable:
     """A callable (x, w, y) -> loss for the method."""
     if method.startswith("mvloss:"):
-        return _fused(method.split(":", 1)[1], loss)
+        backend, compiled = _mvloss_backend(method)
+        return torch.compile(_fused(backend, loss), fullgraph=True) if compiled else _fused(backend, loss)
     if method == "reference":
         return _fused("reference", loss)
     if method == "reference_compiled":
