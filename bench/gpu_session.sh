@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep bench largest demo}"   # also: subset (a few GPU tests)
+STAGES="${STAGES:-tests other timings sweep bench largest demo}"   # also: subset (a few GPU tests), ncu
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -53,7 +53,7 @@ if has timings; then
 fi
 if has sweep; then
   stamp "kernel sweep"
-  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C 100000 --D 512 --out "$OUT/sweep.json" \
+  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C "${SWEEP_C:-100000}" --D 512 --out "$OUT/sweep.json" \
     > /dev/null 2> "$OUT/sweep.err"
   "$PY" - "$OUT/sweep.json" <<'EOF'
 import json, sys
@@ -68,6 +68,21 @@ if has subset; then
     -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck" \
     > "$OUT/tests_subset.log" 2>&1
   tail -n 4 "$OUT/tests_subset.log"
+fi
+if has ncu; then
+  # Nsight Compute on one step's Triton kernels (speed of light, memory, warp stalls): what limits them
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+  if [ -n "$NCU" ]; then
+    stamp "ncu ($NCU) on one step, C = ${NCU_C:-1000000}"
+    timeout "${NCU_TIMEOUT:-180}" "$NCU" --profile-from-start off -k "regex:neg_lse|neg_dlogits|norm_backward" \
+      -c "${NCU_KERNELS:-6}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section WarpStateStats --section LaunchStats --section Occupancy \
+      "$PY" bench/ncu_step.py --C "${NCU_C:-1000000}" > "$OUT/ncu.txt" 2>&1
+    grep -E "neg_lse|neg_dlogits|norm_backward|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput" \
+      "$OUT/ncu.txt" | head -n 40
+  else
+    stamp "ncu: not found" | tee "$OUT/ncu.txt"
+  fi
 fi
 if has bench; then
   stamp "bench grid"
@@ -97,4 +112,7 @@ if has demo; then
   tail -n 12 "$OUT/demo.log" | tr '\r' '\n' | grep -v "it/s" | tail -n 10
 fi
 stamp "done"
+# at most 8 files come back from a device call: everything in one archive, plus the two most read files
+( cd "$OUT" && tar czf gpu_session.tgz --exclude=gpu_session.tgz . && find . -maxdepth 1 -type f \
+    ! -name gpu_session.tgz ! -name timings.json -delete )
 exit 0

@@ -560,6 +560,20 @@ def test_triton_sweep_script_smoke(tmp_path):
                                                        ("backward_gemm", "tiles"), ("backward_gemm", "persistent")}
 
 
+
+def test_ncu_step_script_smoke():
+    """bench/ncu_step.py (the step Nsight Compute profiles in gpu_session.sh's ncu stage) runs: a small shape on a
+    GPU, --smoke elsewhere."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "ncu_step.py")
+    args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("profiled one step" if torch.cuda.is_available() else "step ok") in proc.stdout, proc.stdout
+
+
 # --------------------------------------------------------------------------------------------- dispatch rules
 
 def _spec(dtype=torch.float32, device=DEVICE):

@@ -4,7 +4,8 @@ A small fixed table keyed on (D, dtype, batch bucket) picks the tile sizes; ``MV
 ``triton.autotune`` search over a larger set (keyed on D, the batch bucket and the input dtypes).  Under
 ``TRITON_INTERPRET=1`` one small configuration is used so the CPU interpreter stays fast.
 
-None of the numbers below has been tuned on a GPU yet; see README.md in this folder.
+The bf16 tiles were compared on an H100 at C = 100k (bench/triton_sweep.py; bench/results/nvidia-h100-80gb-hbm3/
+sweep_run*.json); the rest is chosen by the sm_90 compile check alone.  See README.md in this folder.
 """
 from __future__ import annotations
 
@@ -56,15 +57,16 @@ def backward_mode() -> str:
 
 def forward_mode() -> str:
     """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop) or flat (one loop over (class
-    tile, K slice) pairs, so the software pipeline spans class tiles).  Same sums in the same order; flat is the
-    candidate for the H100's exposed load latency between tiles, not yet timed on a GPU."""
+    tile, K slice) pairs, so the software pipeline spans class tiles).  Same sums in the same order; flat was the
+    candidate for the H100's exposed load latency between tiles: timed there, no faster in a training step."""
     return _choice("MVLOSS_TRITON_FORWARD", FORWARD_MODES, "tiles")
 
 
 def dlogits_mode() -> str:
     """MVLOSS_TRITON_DLOGITS = tiles (default: the default backward's recompute kernel takes one class tile per
     program) or persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
-    the epilogue).  Same values either way; persistent is not yet timed on a GPU."""
+    the epilogue).  Same values either way; persistent was timed
+    on an H100: 4% slower at C = 1M (bench/results/nvidia-h100-80gb-hbm3/NOTES.md)."""
     return _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 
 
@@ -145,9 +147,10 @@ def k_block(dtype: torch.dtype) -> int:
 def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of the forward (LSE) kernel.
 
-    Chosen without a GPU: each compiles for sm_90 without (or with < 64 bytes of) register spills and fits shared
-    memory (``python -m mvloss.triton._compile_check``); none is timed yet.  fp32 uses exact fp32 products (FMA
-    path), which needs small K slices."""
+    Each compiles for sm_90 without (or with < 64 bytes of) register spills and fits shared memory
+    (``python -m mvloss.triton._compile_check``).  bf16 128 x 128 was timed in the H100 sweep (256 x 128: 6% faster
+    as a bare kernel at C = 100k, not yet timed in a step).  fp32 uses exact fp32 products (FMA path), which needs
+    small K slices."""
     bk = k_block(dtype)
     if interpreting():
         return dict(BLOCK_B=32, BLOCK_C=64, BLOCK_K=bk, num_warps=4, num_stages=1)
