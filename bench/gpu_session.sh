@@ -53,7 +53,7 @@ if has timings; then
 fi
 if has sweep; then
   stamp "kernel sweep"
-  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C "${SWEEP_C:-100000}" --D 512 --out "$OUT/sweep.json" \
+  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C "${SWEEP_C:-100000}" --D 512 --modes ${SWEEP_MODES:-tiles alt} --out "$OUT/sweep.json" \
     > /dev/null 2> "$OUT/sweep.err"
   "$PY" - "$OUT/sweep.json" <<'EOF'
 import json, sys

@@ -19,13 +19,22 @@ import sys
 
 import torch
 
-FORWARD = [dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3)]
+# Besides the table's own choice (always the first row): tiles that let two or more programs share an SM, so one
+# program's epilogue can overlap another's tensor-core work. At bf16, B = 1024, D = 512 (sm_90, triton 3.8) the
+# default 128 x 128 / 8 warps forward needs 214 registers a thread (one program per SM) and the recompute kernel's
+# 64 x 128 / 8 warps 148 (also one); 64 x 128 / 4 warps fits two, 64 x 64 / 4 warps three (NOTES.md, run 6).
+FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 205 registers: 2 programs per SM
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4),
+           dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3),   # 240 registers: 2 per SM
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 128 registers: 3 per SM (shared memory)
+           dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]  # 6% faster at 100k (run 3); spills on 3.8
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3)]  # two programs per SM (~150 registers)
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 152 registers: 3 programs per SM
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # two per SM, but spills (3.8)
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]  # the table's, two per SM
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
@@ -40,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--modes", nargs="+", choices=("tiles", "alt"), default=["tiles", "alt"],
+                   help="loop forms to sweep: tiles (the default one) and alt (flat forward, persistent recompute)")
     a = p.parse_args(argv)
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -96,9 +107,10 @@ def main(argv=None) -> int:
             setattr(_config, table_name, table)
 
     try:
-        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", _config.FORWARD_MODES,
+        pick = lambda modes: [m for m in modes if ("tiles" if m == "tiles" else "alt") in a.modes]  # noqa: E731
+        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", pick(_config.FORWARD_MODES),
               lambda: forward_lse.launch(*args))
-        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", _config.DLOGITS_MODES,
+        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", pick(_config.DLOGITS_MODES),
               lambda: backward_gemm.launch(*kargs, False))
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):

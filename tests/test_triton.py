@@ -505,6 +505,37 @@ def test_triton_kernels_compile_for_sm90():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def test_programs_per_sm():
+    from mvloss.triton._compile_check import programs_per_sm
+
+    assert programs_per_sm(214, 8, 96 * 1024) == 1  # the forward's table tile (registers bound it)
+    assert programs_per_sm(128, 8, 72 * 1024) == 2
+    assert programs_per_sm(152, 4, 48 * 1024) == 3
+    assert programs_per_sm(64, 4, 100 * 1024) == 2  # shared memory bounds it
+
+
+def test_triton_occupancy_script(tmp_path):
+    """bench/triton_occupancy.py compiles the table's and the sweep's tiles for sm_90 (no GPU) and writes the table;
+    the register cap of the sweep's last recompute configuration holds."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("Triton's bundled ptxas is missing")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_occupancy.py")
+    out = tmp_path / "occ.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| forward")
+             or line.startswith("| recompute")]
+    assert len(table) >= 10 and table[0][0].strip() == "forward — table"
+    capped = [r for r in table if r[4].strip() == "128"]
+    assert capped and all(int(r[5]) <= 128 for r in capped), capped
+
 def test_triton_gpu_timings_script_smoke(tmp_path):
     """bench/triton_gpu_timings.py runs end to end and writes its records: on a GPU on a small shape, elsewhere with
     --smoke (CPU, interpreter, tiny shape).  (On the GPU image, triton 3.6's interpreter fails on numpy 2.5.)"""

@@ -79,11 +79,25 @@ def _ptxas_info(ptx: str, arch: int) -> dict:
     return dict(registers=int(regs.group(1)) if regs else -1, spill_bytes=max(spill) if spill else 0)
 
 
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compiler options in a configuration, not constexprs
+
+
+def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: int = 65536,
+                    shared_per_sm: int = 228 * 1024) -> int:
+    """How many programs of a kernel fit on one SM (Hopper limits): registers are allocated per warp in units of
+    256 (8 a thread), and each program's shared memory carries a 1 KB reservation."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = regs_per_sm // max(per_warp * num_warps, 1)
+    by_shared = shared_per_sm // (shared + 1024)
+    return max(0, min(by_regs, by_shared))
+
+
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
-                   clamp: bool = True, has_bias: bool = True) -> dict:
+                   clamp: bool = True, has_bias: bool = True, config: dict | None = None) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "dlogits" -- the default backward's
     recompute kernel --, "dlogits_persistent" -- MVLOSS_TRITON_DLOGITS=persistent --, or the recompute design's
-    "dx", "dw") with the configuration _config picks for (batch, dim, dtype)."""
+    "dx", "dw") with the configuration _config picks for (batch, dim, dtype), or with ``config`` (tile sizes, warps
+    and stages; BLOCK_K is always _config's, so the summation order stays the forward's)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -104,6 +118,8 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         cfg = _config.dlogits_config(batch, dim, dtype)
     else:
         cfg = _config.backward_config(kernel, batch, dim, dtype)
+    if config is not None:
+        cfg = dict(config, BLOCK_K=cfg["BLOCK_K"])
     consts = dict(TREATMENT=treatment, CLAMP=clamp, HAS_BIAS=has_bias, UPCAST=False,
                   PRECISION=_config.input_precision(dtype))
     if kernel in ("fwd", "fwd_flat"):
@@ -117,17 +133,18 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
         consts["NEED_DBIAS"] = True
-    consts.update({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+    consts.update({k: v for k, v in cfg.items() if k not in _LAUNCH_OPTIONS})
     consts.update({name: 1 for name in _UNIT_STRIDES})
     sig = _signature(fn, dtype, consts)
     src = ASTSource(fn, sig, constexprs=consts, attrs=_attrs(fn, sig, _sizes(batch, dim)))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                              options={k: v for k, v in cfg.items() if k in _LAUNCH_OPTIONS})
     ptx = compiled.asm["ptx"]
     info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared,
                 async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
     info.update(_ptxas_info(ptx, arch))
+    info["programs_per_sm"] = programs_per_sm(info["registers"], cfg["num_warps"], info["shared"])
     return info
 
 
@@ -146,7 +163,8 @@ def main(argv=None) -> int:
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
                     print(f"{kernel:18} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
-                          f"spill={r['spill_bytes']:>4} async={r['async_copies']:>3} wgmma={r['wgmma']:>2}  "
+                          f"spill={r['spill_bytes']:>4} per_sm={r['programs_per_sm']} async={r['async_copies']:>3} "
+                          f"wgmma={r['wgmma']:>2}  "
                           f"{r['config']}", flush=True)
     print(f"worst spill: {worst} bytes")
     return 0

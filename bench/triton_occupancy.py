@@ -1,0 +1,71 @@
+"""Registers, spills, shared memory and programs per SM of the Triton kernels' tile configurations, compiled for
+sm_90 without a GPU (Triton's bundled ptxas): which tiles let two or more programs share an SM, so one program's
+epilogue can overlap another's tensor-core work.  The configurations are the table's own and the tile sweep's
+(bench/triton_sweep.py), so the sweep on a GPU times exactly these.
+
+    python bench/triton_occupancy.py --out bench/results/cpu-amd-epyc-2-cores/triton_occupancy_sm90.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiles for the GPU, not the interpreter
+
+import torch  # noqa: E402
+
+
+def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_sweep import DLOGITS, FORWARD
+
+    from mvloss.triton._compile_check import compile_kernel
+
+    out = []
+    for kernel, configs in (("fwd", FORWARD), ("dlogits", DLOGITS)):
+        for cfg in [None] + configs:
+            r = compile_kernel(kernel, dtype, B, D, config=cfg)
+            r["table"] = cfg is None
+            out.append(r)
+            print(r, flush=True)
+    return out
+
+
+def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> str:
+    import triton
+
+    lines = [f"# Occupancy of the Triton kernels' tiles on sm_90 (compiled, no GPU): {dtype}, B = {B}, D = {D}", "",
+             f"Command: `{command}`  ", f"torch {torch.__version__}, triton {triton.__version__}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Programs per SM from registers (64K a SM, "
+             "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program).", "",
+             "| kernel | BLOCK_B × BLOCK_C | warps | stages | register cap | registers | spill bytes | shared KB | "
+             "programs / SM |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        c = r["config"]
+        name = ("forward" if r["kernel"] == "fwd" else "recompute (dlogits)") + (" — table" if r["table"] else "")
+        lines.append(f"| {name} | {c['BLOCK_B']} × {c['BLOCK_C']} | {c['num_warps']} | {c['num_stages']} | "
+                     f"{c.get('maxnreg', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared'] // 1024} | {r['programs_per_sm']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--B", type=int, default=1024)
+    p.add_argument("--D", type=int, default=512)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    a = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    text = markdown(rows(a.B, a.D, dtype), a.B, a.D, a.dtype,
+                    "python bench/triton_occupancy.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
