@@ -39,14 +39,16 @@ def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> s
     lines = [f"# Occupancy of the Triton kernels' tiles on sm_90 (compiled, no GPU): {dtype}, B = {B}, D = {D}", "",
              f"Command: `{command}`  ", f"torch {torch.__version__}, triton {triton.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Programs per SM from registers (64K a SM, "
-             "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program).", "",
+             "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program); SASS "
+             "instructions: the kernel's static count (nvdisasm), mostly the class-tile loop body.", "",
              "| kernel | BLOCK_B × BLOCK_C | warps | stages | register cap | registers | spill bytes | shared KB | "
-             "programs / SM |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "programs / SM | SASS instructions |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         c = r["config"]
         name = ("forward" if r["kernel"] == "fwd" else "recompute (dlogits)") + (" — table" if r["table"] else "")
         lines.append(f"| {name} | {c['BLOCK_B']} × {c['BLOCK_C']} | {c['num_warps']} | {c['num_stages']} | "
-                     f"{c.get('maxnreg', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared'] // 1024} | {r['programs_per_sm']} |")
+                     f"{c.get('maxnreg', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared'] // 1024} | "
+                     f"{r['programs_per_sm']} | {r['sass_instructions']} |")
     return "\n".join(lines) + "\n"
 
 

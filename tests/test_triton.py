@@ -620,6 +620,16 @@ def test_triton_declines_fp64():
         F.arcface_loss(x, w, y, backend="triton")
 
 
+def test_triton_declines_more_classes_than_int32_indices():
+    """Class indices are compared in int32 inside the kernels: 2**31 classes or more go elsewhere, with the reason."""
+    import dataclasses
+
+    backend = dispatch.get("triton")
+    assert backend.cannot_run(dataclasses.replace(_spec(), num_classes=2**31 - 1)) is None
+    assert "int32" in backend.cannot_run(dataclasses.replace(_spec(), num_classes=2**31))
+    assert backend.cannot_run(dataclasses.replace(_spec(), num_classes=None)) is None  # traced: sizes unknown
+
+
 def test_triton_cpu_rules(monkeypatch):
     """CPU tensors: only under TRITON_INTERPRET=1, and "auto" never picks the interpreter."""
     backend = dispatch.get("triton")

@@ -33,6 +33,9 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _triton_error: Optional[str] = None
 
 
+MAX_CLASSES = 2**31 - 1  # class indices are compared in int32 inside the kernels (one instruction, not three)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -69,6 +72,9 @@ def _cannot_run(spec: dispatch.CallSpec) -> Optional[str]:
     if spec.dtype not in _SUPPORTED:
         return (f"dtype {spec.dtype} is not supported by the Triton kernels (fp32, fp16, bf16); "
                 "use backend='chunked' or 'reference'")
+    if spec.num_classes is not None and spec.num_classes > MAX_CLASSES:
+        return (f"{spec.num_classes} classes: the Triton kernels compare class indices in int32 (at most "
+                f"{MAX_CLASSES}); use backend='chunked'")
     device = torch.device(spec.device)
     if device.type == "cuda":
         return None

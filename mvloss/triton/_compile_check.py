@@ -61,6 +61,24 @@ def _signature(fn, dtype, consts):
     return sig
 
 
+def sass_instructions(cubin: bytes) -> int:
+    """Static count of the kernel's SASS instructions (Triton's bundled nvdisasm; -1 without it): the epilogue's
+    per-element work shows up here, since the class-tile loop body is most of the kernel."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return -1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    if out.returncode != 0:
+        return -1
+    return len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", out.stdout, flags=re.M))
+
+
 def _ptxas_info(ptx: str, arch: int) -> dict:
     import triton
 
@@ -145,6 +163,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
     info.update(_ptxas_info(ptx, arch))
     info["programs_per_sm"] = programs_per_sm(info["registers"], cfg["num_warps"], info["shared"])
+    info["sass_instructions"] = sass_instructions(compiled.asm["cubin"])
     return info
 
 

@@ -106,9 +106,24 @@ def column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def exp_ftz(v, EXACT: tl.constexpr):
+    """exp(v) of the sum-exp and the softmax tiles.  On a GPU ``ex2.approx.ftz``: the approximation tl.exp uses
+    too, with results below 2**-126 flushed to zero (they cannot move an fp32 sum that holds a 1); without ftz ptxas
+    spends three more instructions an element on them.  ``EXACT`` (the kernels' UPCAST flag: the interpreter, which
+    cannot run PTX) takes tl.exp."""
+    if EXACT:
+        out = tl.exp(v)
+    else:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v * 1.4426950408889634],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
 def negatives_mask(rmask, cmask, cols64, lab):
-    """In-bounds entries that are not the row's target column (a label of -1 matches none)."""
-    return rmask[:, None] & cmask[None, :] & (cols64[None, :] != lab[:, None])
+    """In-bounds entries that are not the row's target column (a label of -1 matches none).  The label compare is
+    in int32 (one instruction an element instead of three for int64)."""
+    return rmask[:, None] & cmask[None, :] & (cols64.to(tl.int32)[None, :] != lab.to(tl.int32)[:, None])
 
 
 @triton.jit
@@ -130,10 +145,10 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
 
 @triton.jit
 def dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
-                CLAMP: tl.constexpr):
+                CLAMP: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives, dc = dz s (h' if hard) (clamp)."""
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    p = tl.exp(tl.where(valid, z, float("-inf")) - lse_safe[:, None])
+    p = exp_ftz(tl.where(valid, z, float("-inf")) - lse_safe[:, None], UPCAST)
     dz = tl.where(valid, g_lse[:, None] * p + g_sum[:, None], 0.0)
     dc = dz * scale[:, None]
     if TREATMENT != 0:

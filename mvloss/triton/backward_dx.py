@@ -54,7 +54,8 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
         raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols64, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
+        dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                             UPCAST)
         if NEED_DSCALE:
             ds += tl.sum(tl.where(valid, dz * u, 0.0), axis=1)
         dcw = dc * winv[None, :]

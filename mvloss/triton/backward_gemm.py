@@ -41,7 +41,7 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
                   g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  UPCAST: tl.constexpr, BLOCK_C: tl.constexpr):
     """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspace tile G = dc w_inv (each row
     divided by its bound with SCALE_G) and the dscale / dbias partials."""
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -50,7 +50,8 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols64, lab)
-    dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP)
+    dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                         UPCAST)
     if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols64[None, :] == lab[:, None], g_cos[:, None], dc)
@@ -100,7 +101,8 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
             if last:
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                              TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, BLOCK_C)
+                              TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST,
+                              BLOCK_C)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
@@ -108,7 +110,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, BLOCK_C)
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:

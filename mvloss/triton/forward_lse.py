@@ -11,12 +11,12 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, dot_slice, flat_step, logit_tile, negatives_mask, row_vectors
+from ._tiles import column_vectors, cos_tile, dot_slice, exp_ftz, flat_step, logit_tile, negatives_mask, row_vectors
 
 
 @triton.jit
 def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
-              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr):
+              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
     """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
     cols64 = cols.to(tl.int64)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
@@ -26,7 +26,7 @@ def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_pt
     zm = tl.where(valid, z, float("-inf"))
     new_m = tl.maximum(run_m, tl.max(zm, axis=1))
     safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    run_s = run_s * tl.exp(run_m - safe) + tl.sum(tl.exp(zm - safe[:, None]), axis=1)
+    run_s = run_s * tl.exp(run_m - safe) + tl.sum(exp_ftz(zm - safe[:, None], UPCAST), axis=1)
     return new_m, run_s, run_z
 
 
@@ -63,7 +63,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                             BLOCK_K, UPCAST, PRECISION)
             if last:
                 run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
-                                                param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS)
+                                                param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         for c0 in range(c_start, c_end, BLOCK_C):
@@ -72,7 +72,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
             acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, sxb, sxd, swc, swd,
                            BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
             run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
-                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS)
+                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
 
     out = pid_s.to(tl.int64) * B + rows64
     tl.store(part_m_ptr + out, run_m, mask=rmask)
