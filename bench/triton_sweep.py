@@ -20,21 +20,20 @@ import sys
 import torch
 
 # Besides the table's own choice (always the first row): tiles that let two or more programs share an SM, so one
-# program's epilogue can overlap another's tensor-core work. At bf16, B = 1024, D = 512 (sm_90, triton 3.8) the
-# default 128 x 128 / 8 warps forward needs 214 registers a thread (one program per SM) and the recompute kernel's
-# 64 x 128 / 8 warps 148 (also one); 64 x 128 / 4 warps fits two, 64 x 64 / 4 warps three (NOTES.md, run 6).
-FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 205 registers: 2 programs per SM
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4),
-           dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3),   # 240 registers: 2 per SM
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 128 registers: 3 per SM (shared memory)
+# program's epilogue can overlap another's tensor-core work (the table's tiles fit one each at bf16, B = 1024,
+# D = 512).  Registers and programs per SM of each: python bench/triton_occupancy.py.
+FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 programs per SM
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4),   # 2
+           dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3),   # 2
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
            dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]  # 6% faster at 100k (run 3); spills on 3.8
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
-           dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),
+           dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 152 registers: 3 programs per SM
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # two per SM, but spills (3.8)
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]  # the table's, two per SM
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 3
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2, but spills (3.8)
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]  # the table's, capped: 2
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
