@@ -112,7 +112,8 @@ if has demo; then
   tail -n 12 "$OUT/demo.log" | tr '\r' '\n' | grep -v "it/s" | tail -n 10
 fi
 stamp "done"
-# at most 8 files come back from a device call: everything in one archive, plus the two most read files
-( cd "$OUT" && tar czf gpu_session.tgz --exclude=gpu_session.tgz . && find . -maxdepth 1 -type f \
-    ! -name gpu_session.tgz ! -name timings.json -delete )
+# at most 8 files come back from a device call: everything in one archive, timings.json beside it
+ARCHIVE="$(mktemp /tmp/gpu_session.XXXXXX)"  # outside $OUT: tar must not read the archive it writes
+tar czf "$ARCHIVE" -C "$OUT" . && find "$OUT" -maxdepth 1 -type f ! -name timings.json -delete \
+  && mv "$ARCHIVE" "$OUT/gpu_session.tgz"
 exit 0
