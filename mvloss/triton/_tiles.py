@@ -120,10 +120,10 @@ def exp_ftz(v, EXACT: tl.constexpr):
 
 
 @triton.jit
-def negatives_mask(rmask, cmask, cols64, lab):
-    """In-bounds entries that are not the row's target column (a label of -1 matches none).  The label compare is
-    in int32 (one instruction an element instead of three for int64)."""
-    return rmask[:, None] & cmask[None, :] & (cols64.to(tl.int32)[None, :] != lab.to(tl.int32)[:, None])
+def negatives_mask(rmask, cmask, cols, lab):
+    """In-bounds entries that are not the row's target column (a label of -1 matches none).  ``cols``: the int32
+    class indices; the label compare is in int32 (one instruction an element instead of three for int64)."""
+    return rmask[:, None] & cmask[None, :] & (cols[None, :] != lab.to(tl.int32)[:, None])
 
 
 @triton.jit

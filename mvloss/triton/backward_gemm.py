@@ -49,7 +49,7 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     cols64 = cols.to(tl.int64)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-    valid = negatives_mask(rmask, cmask, cols64, lab)
+    valid = negatives_mask(rmask, cmask, cols, lab)
     dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
                          UPCAST)
     if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too

@@ -18,10 +18,9 @@ from ._tiles import column_vectors, cos_tile, dot_slice, exp_ftz, flat_step, log
 def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
               TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
     """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
-    cols64 = cols.to(tl.int64)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-    valid = negatives_mask(rmask, cmask, cols64, lab)
+    valid = negatives_mask(rmask, cmask, cols, lab)
     run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
     zm = tl.where(valid, z, float("-inf"))
     new_m = tl.maximum(run_m, tl.max(zm, axis=1))
