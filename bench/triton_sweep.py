@@ -92,10 +92,13 @@ def main(argv=None) -> int:
                 json.dump(records, f, indent=1)
 
     def sweep(kernel, table_name, configs, mode_var, modes, fn):
-        """Each configuration (None: the table's own) in each loop form, the table restored afterwards."""
+        """Each configuration (None: the table's own) in each loop form --modes asks for (the first of ``modes`` is
+        "tiles", the others "alt"), the table restored afterwards."""
         table = getattr(_config, table_name)
         try:
             for mode in modes:
+                if ("tiles" if mode == "tiles" else "alt") not in a.modes:
+                    continue
                 with env(**{mode_var: mode}):
                     for cfg in [None] + configs:
                         setattr(_config, table_name,
@@ -106,10 +109,9 @@ def main(argv=None) -> int:
             setattr(_config, table_name, table)
 
     try:
-        pick = lambda modes: [m for m in modes if ("tiles" if m == "tiles" else "alt") in a.modes]  # noqa: E731
-        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", pick(_config.FORWARD_MODES),
+        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", _config.FORWARD_MODES,
               lambda: forward_lse.launch(*args))
-        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", pick(_config.DLOGITS_MODES),
+        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", _config.DLOGITS_MODES,
               lambda: backward_gemm.launch(*kargs, False))
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
