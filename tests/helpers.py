@@ -1,4 +1,6 @@
-"""Shared test helpers: run a backend and the reference, compare both against an fp64 truth."""
+"""Shared test helpers: run a backend and the reference, compare both against an fp64 truth; find a bench script."""
+import os
+
 import torch
 
 from mvloss import functional as F
@@ -43,3 +45,13 @@ def assert_matches_reference(x, w, y, backend, fn=F.margin_softmax_loss, factor=
         assert err_got <= allowed, (f"{name}: {backend} error {err_got:.3e} > allowed {allowed:.3e} "
                                     f"(reference error {err_ref:.3e}, |truth| {scale:.3e}, options {kw})")
     return truth, got
+
+
+def bench_script(name: str) -> str:
+    """The path of bench/<name> in this checkout."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", name)
+
+
+def env_without_interpreter() -> dict:
+    """This process's environment minus TRITON_INTERPRET, for a child that compiles for the GPU or picks itself."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

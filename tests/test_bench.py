@@ -6,6 +6,7 @@ import torch
 
 from mvloss.bench import cli, runner
 from mvloss.bench.metrics import compare, flops, tflops
+from helpers import bench_script, env_without_interpreter
 
 
 def test_flop_counts():
@@ -85,17 +86,16 @@ def test_cli_quick_run_writes_results_and_compare_fails_on_regression(tmp_path):
 def test_compiled_step_check_script_on_cpu_backends():
     """bench/compiled_step_check.py (compiled against eager step) runs and passes on the C++ CPU backend and fails
     on an impossible tolerance (the check can fail)."""
-    import os
     import subprocess
     import sys
 
     from mvloss import dispatch
 
     backend = "cpu" if dispatch.get("cpu").reason() is None else "chunked"
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "compiled_step_check.py")
+    script = bench_script("compiled_step_check.py")
     args = [sys.executable, script, "--backend", backend, "--device", "cpu", "--dtype", "fp32", "--B", "8", "--C",
             "300", "--D", "16"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     ok = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
     rec = json.loads(ok.stdout.strip().splitlines()[-1])

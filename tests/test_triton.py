@@ -14,7 +14,8 @@ from mvloss import dispatch
 from mvloss import functional as F
 from mvloss.negatives import Treatment, inverse_norms
 from families import FAMILIES, needs_unit_features
-from helpers import REL_FLOOR, assert_matches_reference, make_inputs, run
+from helpers import (REL_FLOOR, assert_matches_reference, bench_script, env_without_interpreter, make_inputs,
+                     run)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -457,7 +458,7 @@ def test_triton_ops_fake_and_symbolic_tracing():
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
     proc = subprocess.run([sys.executable, "-c", _FAKE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -488,18 +489,22 @@ print("ok")
 """
 
 
+def _skip_without_ptxas():
+    """The sm_90 compile checks need Triton's bundled ptxas (no GPU)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("Triton's bundled ptxas is missing")
+
+
 def test_triton_kernels_compile_for_sm90():
     """The GPU path (not the interpreter's) compiles for sm_90 with the chosen configurations: shared memory fits,
     (almost) no register spills.  Uses Triton's bundled ptxas; no GPU needed."""
     import subprocess
     import sys
 
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _skip_without_ptxas()
+    env = env_without_interpreter()
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
@@ -520,13 +525,10 @@ def test_triton_occupancy_script(tmp_path):
     import subprocess
     import sys
 
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("Triton's bundled ptxas is missing")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_occupancy.py")
+    _skip_without_ptxas()
+    script = bench_script("triton_occupancy.py")
     out = tmp_path / "occ.md"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     proc = subprocess.run([sys.executable, script, "--out", str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -543,8 +545,7 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                          "triton_gpu_timings.py")
+    script = bench_script("triton_gpu_timings.py")
     out = tmp_path / "t.json"
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
     proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True, text=True,
@@ -560,7 +561,7 @@ def test_triton_accuracy_script(tmp_path):
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_accuracy.py")
+    script = bench_script("triton_accuracy.py")
     out = tmp_path / "acc.md"
     proc = subprocess.run([sys.executable, script, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -579,7 +580,7 @@ def test_triton_sweep_script_smoke(tmp_path):
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_sweep.py")
+    script = bench_script("triton_sweep.py")
     out = tmp_path / "s.json"
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
     proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True, text=True,
@@ -598,7 +599,7 @@ def test_ncu_step_script_smoke():
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "ncu_step.py")
+    script = bench_script("ncu_step.py")
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
