@@ -17,19 +17,17 @@ import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triton_gpu_timings import DTYPES, MV_ARC, step_inputs  # noqa: E402  (the bench scripts' shared problem)
 
 
 def check(B: int, C: int, D: int, dtype: torch.dtype, backend: str, device: str) -> dict:
     from mvloss import functional as F
 
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, D, device=device, generator=g).to(dtype)
-    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype)
-    y = torch.randint(0, C, (B,), device=device, generator=g)
+    x, w, y = step_inputs(B, C, D, dtype, device)
 
     def step(x, w, y):
-        return F.arcface_loss(x, w, y, backend=backend, scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+        return F.arcface_loss(x, w, y, backend=backend, **MV_ARC)
 
     rec = dict(B=B, C=C, D=D, dtype=str(dtype).replace("torch.", ""), backend=backend, device=device,
                workspace=os.environ.get("MVLOSS_TRITON_WORKSPACE_ELEMS"))

@@ -29,18 +29,18 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 1
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_gpu_timings import MV_ARC, step_inputs
+
     from mvloss import functional as F
 
     device = "cpu" if a.smoke else "cuda"
     dtype = torch.float32 if a.smoke else torch.bfloat16
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(a.B, a.D, device=device, generator=g).to(dtype).requires_grad_(True)
-    w = (0.05 * torch.randn(a.C, a.D, device=device, generator=g)).to(dtype).requires_grad_(True)
-    y = torch.randint(0, a.C, (a.B,), device=device, generator=g)
+    x, w, y = step_inputs(a.B, a.C, a.D, dtype, device, requires_grad=True)
 
     def step():
         x.grad = w.grad = None
-        loss = F.arcface_loss(x, w, y, backend="triton", scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+        loss = F.arcface_loss(x, w, y, backend="triton", **MV_ARC)
         loss.backward()
         return loss
 

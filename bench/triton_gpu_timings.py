@@ -48,6 +48,19 @@ def env(**values):
                 os.environ[k] = v
 
 
+# The loss every GPU script times: MV-Arc (ArcFace margin, adaptive mis-classified-vector weighting).
+MV_ARC = dict(scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+
+
+def step_inputs(B: int, C: int, D: int, dtype: torch.dtype, device, requires_grad: bool = False):
+    """The benchmark problem (seed 0): embeddings x (B, D), weights w (C, D) at 0.05 scale, labels y (B,)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(requires_grad)
+    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype).requires_grad_(requires_grad)
+    y = torch.randint(0, C, (B,), device=device, generator=g)
+    return x, w, y
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,11 +106,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     from mvloss.negatives import inverse_norms
 
     device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(True)
-    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype).requires_grad_(True)
-    y = torch.randint(0, C, (B,), device=device, generator=g)
-    kw = dict(scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+    x, w, y = step_inputs(B, C, D, dtype, device, requires_grad=True)
+    kw = MV_ARC
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     rec = dict(device=name, B=B, C=C, D=D, dtype=str(dtype).replace("torch.", ""))
     fwd_flops, step_flops = 2.0 * B * C * D, 8.0 * B * C * D
@@ -235,15 +245,12 @@ def profile_step(B, C, D, dtype, path, device="cuda"):
 
     from mvloss import functional as F
 
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(True)
-    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype).requires_grad_(True)
-    y = torch.randint(0, C, (B,), device=device, generator=g)
+    x, w, y = step_inputs(B, C, D, dtype, device, requires_grad=True)
 
     def step():
         x.grad = None
         w.grad = None
-        F.arcface_loss(x, w, y, backend="triton", scale=32.0, margin=0.5, mv="adaptive", t=0.2).backward()
+        F.arcface_loss(x, w, y, backend="triton", **MV_ARC).backward()
 
     for _ in range(3):
         step()

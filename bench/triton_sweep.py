@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         a.B, a.C, a.D, a.dtype = 5, 300, 24, "fp32"
     sys.path.insert(0, os.path.dirname(__file__))
-    from triton_gpu_timings import DTYPES, _time, env
+    from triton_gpu_timings import DTYPES, _time, env, step_inputs
 
     from mvloss.negatives import inverse_norms
     from mvloss.triton import _config, backward_dw, backward_dx, backward_gemm, forward_lse
@@ -63,10 +63,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = DTYPES[a.dtype]
     B, C, D = a.B, a.C, a.D
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, D, device=device, generator=g).to(dtype)
-    w = (0.05 * torch.randn(C, D, device=device, generator=g)).to(dtype)
-    y = torch.randint(0, C, (B,), device=device, generator=g)
+    x, w, y = step_inputs(B, C, D, dtype, device)
     args = (x, w, inverse_norms(x, 1e-12), inverse_norms(w, 1e-12), y, torch.zeros(B, device=device),
             torch.full((B,), 32.0, device=device), None, 2, 0.2, False)
     lse, _ = forward_lse.launch(*args)
