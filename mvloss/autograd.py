@@ -27,13 +27,13 @@ def inv_norms_pair(x, w, normalize_x: bool, normalize_w: bool, eps: float, dtype
     """(x_inv, w_inv): 1 / max(||row||, eps) where normalised, else ones, in ``dtype``; with ``triton_glue`` and both
     normalised, one Triton kernel for both (eight PyTorch ops otherwise)."""
     if normalize_x and normalize_w and dtype == torch.float32 and triton_glue(x):
-        inv_norm = _triton_part("inv_norm")
+        inv_norm = triton_part("inv_norm")
         if inv_norm is not None:
             return inv_norm.inverse_norms_pair(x, w, eps)
     return _inv_norms(x, normalize_x, eps, dtype), _inv_norms(w, normalize_w, eps, dtype)
 
 
-def _triton_part(name: str):
+def triton_part(name: str):
     """The module mvloss.triton.<name> (it imports Triton), or None when Triton is missing or broken: the caller
     then takes its PyTorch path."""
     try:
@@ -82,7 +82,7 @@ def _one_pass_norm_backward(dhat, t, inv, eps):
 def one_pass_norm_backward(dhat, t, inv, eps):
     """The Triton one-pass normalisation backward (any device Triton runs on), or None without Triton or for rows
     wider than one program holds."""
-    norm_backward = _triton_part("norm_backward")
+    norm_backward = triton_part("norm_backward")
     if norm_backward is None or not norm_backward.supports(t.shape[1]):
         return None
     return norm_backward.launch(dhat, t, inv.to(torch.float32), eps, True, _grad_out(dhat, t))

@@ -411,11 +411,11 @@ class ClassParallelHead(nn.Module):
         cos_y = _KnownSum.apply(cos_part, cos_pre)  # the same values as the pre-pass's all-reduced cosine
         z_y, _ = _loss.target_logits(margins.clamp_cos(cos_y, cfg), cfg, x)
         lse_neg = _MergeLSE.apply(lse_part, comm)
-        lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
-        zsum = None
+        nll = _loss.negatives_nll(lse_neg, z_y)
+        lse = zsum = None
         if cfg.label_smoothing > 0:
-            zsum = _AllReduceSum.apply(zsum_part, comm).to(z_y.dtype) + z_y
-        return _loss.finish(lse, z_y, zsum, valid, num_classes, cfg)
+            lse, zsum = z_y + nll, _AllReduceSum.apply(zsum_part, comm).to(z_y.dtype) + z_y
+        return _loss.finish(nll, lse, zsum, valid, num_classes, cfg)
 
     # ------------------------------------------------------------------------------------------------- checkpoints
     def _extra_entries(self) -> dict:

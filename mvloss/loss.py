@@ -2,7 +2,8 @@
 
 pre-pass  (O(B*D), PyTorch autograd): cos_y, the target logit z_y = s f(cos_y) (+ b_y) and the mask threshold thr_i
 negatives (O(B*C*D), a backend):      lse_i and zsum_i over k != y_i       (see mvloss.negatives)
-finish    (O(B), PyTorch autograd):    lse = logaddexp(lse_neg, z_y), label smoothing, focal, hard mining, reduction
+finish    (O(B), PyTorch autograd):    -log p_y = softplus(lse_neg - z_y), label smoothing, focal, hard mining,
+                                      reduction
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, margins
+from . import autograd, dispatch, margins
 from ._validate import check_inputs
 from .autograd import NegativesFunction, target_rows
 from .config import LossConfig
@@ -48,10 +49,15 @@ def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]
 
 
 def target_rows_of(x, weight, safe_labels, has, cfg: LossConfig):
-    """Without a graph: (x-hat, w-hat at safe_labels, the raw cosine x-hat . w-hat where ``has``, else 0)."""
+    """Without a graph: (x-hat, w-hat at safe_labels, the raw cosine x-hat . w-hat where ``has``, else 0); on eager
+    CUDA tensors one Triton kernel (``mvloss.triton.target_rows``) instead of a dozen PyTorch ops."""
     with torch.no_grad():
-        xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps,
-                                   compute_dtype(x))
+        dt = compute_dtype(x)
+        if dt == torch.float32 and autograd.triton_glue(x):
+            part = autograd.triton_part("target_rows")
+            if part is not None and part.supports(x.shape[1]):
+                return part.target_rows(x, weight, safe_labels, has, cfg.normalize_x, cfg.normalize_w, cfg.eps)
+        xhat, what_y = target_rows(x, weight, safe_labels, cfg.normalize_x, cfg.normalize_w, cfg.eps, dt)
         return xhat, what_y, torch.where(has, (xhat * what_y).sum(1), 0.0)
 
 
@@ -98,10 +104,18 @@ def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, s
         cfg.chunk_size)
 
 
-def finish(lse: torch.Tensor, z_y: torch.Tensor, zsum_all: Optional[torch.Tensor], valid: torch.Tensor,
+def negatives_nll(lse_neg: torch.Tensor, z_y: torch.Tensor) -> torch.Tensor:
+    """-log p_y = logaddexp(lse_neg, z_y) - z_y, as one softplus of lse_neg - z_y: one op forward and one backward
+    (the logaddexp and the difference take two and nine; each is a launch on a GPU).  Exact to rounding: the
+    threshold above which softplus(t) returns t is 40, where log1p(exp(-t)) is below half an ulp of t in fp32 and
+    fp64 (PyTorch's default of 20 is not, in fp64).  lse_neg = -inf (no negatives) gives 0."""
+    return torch.nn.functional.softplus(lse_neg.to(z_y.dtype) - z_y, threshold=40.0)
+
+
+def finish(nll: torch.Tensor, lse: Optional[torch.Tensor], zsum_all: Optional[torch.Tensor], valid: torch.Tensor,
            num_classes: int, cfg: LossConfig) -> torch.Tensor:
-    """Per-row loss from the full log-sum-exp, then focal / hard mining / reduction (O(B))."""
-    nll = lse - z_y
+    """Per-row loss from -log p_y (and, read only with label smoothing, the full log-sum-exp lse and the logit sum),
+    then focal / hard mining / reduction (O(B))."""
     per_row = nll
     if cfg.label_smoothing > 0:
         eps = cfg.label_smoothing
@@ -147,6 +161,8 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     z_y, _ = target_logits(margins.clamp_cos(cos_y, cfg), cfg, x)
     if bias is not None:
         z_y = z_y + bias[safe_labels].to(z_y.dtype)
-    lse = torch.logaddexp(lse_neg.to(z_y.dtype), z_y)
-    zsum = zsum_neg + z_y if cfg.label_smoothing > 0 else None  # only label smoothing reads the logit sum
-    return finish(lse, z_y, zsum, valid, weight.shape[0], cfg)
+    nll = negatives_nll(lse_neg, z_y)
+    lse = zsum = None  # only label smoothing reads the full log-sum-exp and the logit sum
+    if cfg.label_smoothing > 0:
+        lse, zsum = z_y + nll, zsum_neg + z_y
+    return finish(nll, lse, zsum, valid, weight.shape[0], cfg)

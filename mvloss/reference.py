@@ -61,7 +61,7 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None) -> torch.
     lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, safe[:, None]).squeeze(1)
     zsum = z.sum(1) if cfg.label_smoothing > 0 else None
-    return finish(lse, z_y, zsum, valid, weight.shape[0], cfg)
+    return finish(lse - z_y, lse, zsum, valid, weight.shape[0], cfg)
 
 
 def l2_softmax_alpha_lower_bound(num_classes: int, p: float = 0.9) -> float:

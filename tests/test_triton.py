@@ -408,6 +408,35 @@ def test_triton_inverse_norms_kernel():
     torch.testing.assert_close(b, inverse_norms(w, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [(True, True), (False, True), (True, False)])
+def test_triton_target_rows_kernel(dtype, normalize):
+    """The pre-pass's one-launch target rows equal its PyTorch path (mvloss.loss.target_rows_of with the glue off):
+    x-hat, w-hat at the labels of a transposed W (FaceX-Zoo's layout), the cosine, 0 where a row has no label, and a
+    zero row below eps."""
+    from mvloss import autograd
+    from mvloss.loss import target_rows_of
+    from mvloss.config import LossConfig
+    from mvloss.triton import target_rows
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 77, generator=g).to(DEVICE).to(dtype)
+    w = torch.randn(77, 203, generator=g).to(DEVICE).to(dtype).T  # (203, 77), stored transposed
+    x[3] = 0.0
+    labels = torch.randint(0, 203, (37,), generator=g).to(DEVICE)
+    has = torch.ones(37, dtype=torch.bool, device=DEVICE)
+    has[[4, 30]] = False
+    cfg = LossConfig(normalize_x=normalize[0], normalize_w=normalize[1], eps=1e-6)
+    got = target_rows.target_rows(x, w, labels, has, cfg.normalize_x, cfg.normalize_w, cfg.eps)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autograd, "triton_glue", lambda t: False)
+        want = target_rows_of(x, w, labels, has, cfg)
+    for name, a, b in zip(("xhat", "what_y", "cos_y"), got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6 * b.abs().max().item(), msg=name)
+    assert (got[2][[4, 30]] == 0).all()
+
+
 _FAKE_SCRIPT = r"""
 import torch
 import mvloss.triton.ops  # noqa: F401

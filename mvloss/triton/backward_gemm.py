@@ -235,7 +235,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
 def _scaled_rows(x, x_inv, row_scale, dtype):
     """x-hat = x x_inv (times row_scale when given), in the GEMM dtype: dW's chunk is G^T x-hat."""
     s = x_inv if row_scale is None else x_inv * row_scale
-    return (x.to(torch.float32) * s[:, None]).to(dtype)
+    # one kernel: the product is formed in fp32 (type promotion) and rounded once into the GEMM dtype
+    return torch.mul(x, s.to(torch.float32)[:, None], out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 def _finish_chunk(dw_c, c0, c1, w, w_inv, w_out, normalize_w, eps):
