@@ -126,4 +126,3 @@ def test_weight_gradient_by_class_chunks_bias_scale_and_layout(monkeypatch):
         out[budget] = (loss.detach(), xb.grad, wb.grad, scale.grad, bias.grad)
     for name, a, b in zip(("loss", "dx", "dW", "dscale", "dbias"), *out.values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=name)
-

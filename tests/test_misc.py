@@ -40,3 +40,18 @@ def test_info_command_lists_backends():
         assert name in out
     assert "torch" in out
     assert "triton settings: forward tiles, recompute kernel tiles, backward gemm, fp32 products" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negatives_nll_is_exact_to_rounding(dtype):
+    """-log p_y = softplus(lse_neg - z_y) (mvloss.loss.negatives_nll) against log(1 + e^d) in a stable fp64 form,
+    across softplus's linear threshold (PyTorch's default of 20 is 2e-9 off in fp64), and 0 without negatives."""
+    from mvloss.loss import negatives_nll
+
+    d = torch.tensor([-200.0, -30.0, -5.0, 0.0, 1e-3, 5.0, 19.5, 20.5, 30.0, 39.5, 40.5, 200.0], dtype=torch.float64)
+    exact = torch.where(d > 0, d + torch.log1p(torch.exp(-d.abs())), torch.log1p(torch.exp(-d.abs())))
+    z_y = torch.full_like(d, 3.0, dtype=dtype)
+    got = negatives_nll((d + 3.0).to(dtype), z_y)
+    tol = torch.finfo(dtype).eps * 4
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+    assert negatives_nll(torch.tensor([float("-inf")], dtype=dtype), torch.tensor([1.0], dtype=dtype)).item() == 0.0
