@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep bench largest demo}"   # also: subset (a few GPU tests), ncu
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -61,6 +61,26 @@ for r in json.load(open(sys.argv[1])):
     cfg = {k: v for k, v in r.items() if k.startswith(("BLOCK", "num_")) or k == "mode"}
     print(r["kernel"], f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" if "ms" in r else r.get("error"), cfg)
 EOF
+fi
+if has tune; then
+  # the sweep's fastest tiles timed in the whole step beside the table's (eager and graphed): the evidence for
+  # changing the table in mvloss/triton/_config.py
+  if [ -s "$OUT/sweep.json" ]; then
+    "$PY" bench/triton_sweep.py --best "$OUT/sweep.json" > "$OUT/best_tiles.json"
+    stamp "tune: $(cat "$OUT/best_tiles.json")"
+    TIMINGS_COMPILE=0 timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 \
+      --C ${TUNE_C:-100000 1000000} --tiles "$OUT/best_tiles.json" --out "$OUT/timings_tuned.json" \
+      > "$OUT/timings_tuned.log" 2>&1 || tail -n 5 "$OUT/timings_tuned.log"
+    [ -s "$OUT/timings_tuned.json" ] && "$PY" - "$OUT/timings_tuned.json" <<'EOF'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    t, g = r.get("triton_tiles", {}), r.get("triton_graphed", {})
+    print(f"C={r['C']}: table {r['triton']['fwd_bwd_ms']:.2f} ms (graphed {g.get('fwd_bwd_ms', float('nan')):.2f}) | "
+          f"sweep's fastest {t.get('fwd_bwd_ms', float('nan')):.2f} ms (graphed {t.get('graphed_ms', float('nan')):.2f})")
+EOF
+  else
+    stamp "tune: no sweep.json (run the sweep stage first)"
+  fi
 fi
 if has subset; then
   stamp "GPU test subset"

@@ -7,6 +7,7 @@
 Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
+  triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
   triton_candidates  the same step with the candidate kernels (MVLOSS_TRITON_FORWARD=flat,
               MVLOSS_TRITON_DLOGITS=persistent), to decide whether they become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
@@ -100,7 +101,7 @@ def _peak_mb(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34):
+def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34, tiles=None):
     import mvloss.triton.ops  # noqa: F401  (registers the ops)
     from mvloss import functional as F
     from mvloss.negatives import inverse_norms
@@ -146,8 +147,9 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         ms_s = timed(loss_step("triton"))
     rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
 
-    # the eager step captured in a CUDA graph: its GPU time alone, none of the host's launch overhead
-    if device.type == "cuda":
+    def graphed_ms():
+        """The eager step captured in a CUDA graph and replayed: its GPU time alone, none of the host's launch
+        overhead."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -158,10 +160,29 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             F.arcface_loss(x, w, y, backend="triton", **kw).backward()
-        ms_g = timed(graph.replay)
-        rec["triton_graphed"] = dict(fwd_bwd_ms=ms_g, fwd_bwd_tflops=step_flops / ms_g / 1e9)
+        ms = timed(graph.replay)
         del graph
         x.grad = w.grad = None
+        return ms
+
+    if device.type == "cuda":
+        ms_g = graphed_ms()
+        rec["triton_graphed"] = dict(fwd_bwd_ms=ms_g, fwd_bwd_tflops=step_flops / ms_g / 1e9)
+
+    # candidate tiles (MVLOSS_TRITON_TILES, e.g. a sweep's fastest: bench/triton_sweep.py --best) in the same step,
+    # eager and graphed, beside the table's: whether they become the table's
+    from mvloss.triton import _config
+
+    rec["tiles"] = dict(forward=_config.forward_config(B, D, dtype), dlogits=_config.dlogits_config(B, D, dtype))
+    if tiles:
+        with env(MVLOSS_TRITON_TILES=tiles):
+            ms_s = timed(loss_step("triton"))
+            rec["triton_tiles"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9,
+                                       tiles=dict(forward=_config.forward_config(B, D, dtype),
+                                                  dlogits=_config.dlogits_config(B, D, dtype)))
+            if device.type == "cuda":
+                ms_g = graphed_ms()
+                rec["triton_tiles"].update(graphed_ms=ms_g, graphed_tflops=step_flops / ms_g / 1e9)
 
     # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
     # mode pays for in host time
@@ -277,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, nargs="*", default=[128, 512])
     p.add_argument("--out", default=None, help="write the records as JSON here")
     p.add_argument("--profile", default=None, help="also write torch.profiler tables of the first shape's step here")
+    p.add_argument("--tiles", default=None, metavar="JSON",
+                   help="candidate tiles (MVLOSS_TRITON_TILES's JSON or a file of it) timed in the step beside the "
+                        "table's: the triton_tiles record")
     p.add_argument("--smoke", action="store_true",
                    help="check this script on the CPU: Triton interpreter, one tiny shape, meaningless timings")
     a = p.parse_args(argv)
@@ -294,7 +318,8 @@ def main(argv=None) -> int:
     for B in a.B:
         for C in a.C:
             for D in a.D:
-                rec = bench_shape(B, C, D, DTYPES[a.dtype], device=device, warmup=warmup, iters=iters)
+                rec = bench_shape(B, C, D, DTYPES[a.dtype], device=device, warmup=warmup, iters=iters,
+                                  tiles=a.tiles)
                 records.append(rec)
                 t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
                 print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
@@ -306,6 +331,9 @@ def main(argv=None) -> int:
                       + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
                          else "")
                       + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
+                         else "")
+                      + (f"tiles {rec['triton_tiles']['fwd_bwd_ms']:.2f} ms (graphed "
+                         f"{rec['triton_tiles'].get('graphed_ms', float('nan')):.2f}) | " if "triton_tiles" in rec
                          else "")
                       + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
                       + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "

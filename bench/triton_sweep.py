@@ -4,6 +4,7 @@ tiles of nothing else; the backward's recompute kernel (backward_gemm) has its o
 
     python bench/triton_sweep.py --B 1024 --C 100000 --D 512 --dtype bf16 --out sweep.json
     python bench/triton_sweep.py --smoke        # check the script on the CPU (interpreter, tiny shape)
+    python bench/triton_sweep.py --best sweep.json > tiles.json   # its fastest tiles, for MVLOSS_TRITON_TILES
 
 Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
 (CUDA events, median).  The first row of each kernel is the table's own choice.  The forward and the recompute
@@ -40,6 +41,25 @@ BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3
             dict(BLOCK_B=64, BLOCK_C=128, BLOCK_DO=128, num_warps=8, num_stages=2)]
 
 
+# the kernels whose tiles MVLOSS_TRITON_TILES sets, by the sweep's name for them
+TILE_KINDS = {"forward": "forward", "backward_gemm": "dlogits"}
+
+
+def best_tiles(records) -> dict:
+    """The fastest configuration of the forward and of the default backward in the default loop form ("tiles"),
+    among the sweep's records without an error, in MVLOSS_TRITON_TILES's form: {"forward": {...}, "dlogits": {...}}
+    (BLOCK_K is left out: the forward and the backward share it)."""
+    from mvloss.triton._config import TILE_KEYS
+
+    best = {}
+    for kernel, kind in TILE_KINDS.items():
+        rows = [r for r in records if r.get("kernel") == kernel and "ms" in r and r.get("mode", "tiles") == "tiles"]
+        if rows:
+            fastest = min(rows, key=lambda r: r["ms"])
+            best[kind] = {k: fastest[k] for k in TILE_KEYS if k in fastest}
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--B", type=int, default=1024)
@@ -50,7 +70,12 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--modes", nargs="+", choices=("tiles", "alt"), default=["tiles", "alt"],
                    help="loop forms to sweep: tiles (the default one) and alt (flat forward, persistent recompute)")
+    p.add_argument("--best", metavar="SWEEP.json", help="print the fastest tiles of a sweep's records as JSON")
     a = p.parse_args(argv)
+    if a.best:
+        with open(a.best) as f:
+            print(json.dumps(best_tiles(json.load(f))))
+        return 0
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         a.B, a.C, a.D, a.dtype = 5, 300, 24, "fp32"

@@ -583,6 +583,28 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     rec = json.loads(out.read_text())[0]
     assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
     assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_persistent_ms"] > 0
+    assert "triton_tiles" not in rec  # only with --tiles
+
+
+def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
+    """--tiles times the step again with those tiles (MVLOSS_TRITON_TILES) and records which tiles ran."""
+    import json
+    import subprocess
+    import sys
+
+    script = bench_script("triton_gpu_timings.py")
+    out = tmp_path / "t.json"
+    tiles = {"forward": {"BLOCK_B": 16, "BLOCK_C": 32, "num_warps": 4}, "dlogits": {"BLOCK_B": 16}}
+    args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
+    proc = subprocess.run([sys.executable, script, *args, "--tiles", json.dumps(tiles), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TIMINGS_COMPILE": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())[0]
+    ran = rec["triton_tiles"]["tiles"]
+    assert rec["triton_tiles"]["fwd_bwd_ms"] > 0
+    assert {k: ran["forward"][k] for k in tiles["forward"]} == tiles["forward"]
+    assert ran["dlogits"]["BLOCK_B"] == 16 and ran["dlogits"]["BLOCK_C"] == rec["tiles"]["dlogits"]["BLOCK_C"]
+    assert rec["tiles"]["forward"]["BLOCK_B"] != 16 or rec["tiles"]["forward"]["BLOCK_C"] != 32  # the table's
 
 
 def test_triton_accuracy_script(tmp_path):
@@ -619,6 +641,67 @@ def test_triton_sweep_script_smoke(tmp_path):
     assert all("ms" in r for r in recs), [r for r in recs if "ms" not in r]
     assert {(r["kernel"], r["mode"]) for r in recs} == {("forward", "tiles"), ("forward", "flat"),
                                                        ("backward_gemm", "tiles"), ("backward_gemm", "persistent")}
+    best = subprocess.run([sys.executable, script, "--best", str(out)], capture_output=True, text=True, timeout=60)
+    assert best.returncode == 0, best.stderr[-3000:]
+    tiles = json.loads(best.stdout)
+    for kernel, kind in (("forward", "forward"), ("backward_gemm", "dlogits")):
+        fastest = min((r for r in recs if r["kernel"] == kernel and r["mode"] == "tiles"), key=lambda r: r["ms"])
+        assert tiles[kind] == {k: fastest[k] for k in ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg")
+                               if k in fastest}
+
+
+def test_sweep_best_tiles_skips_errors_and_other_loop_forms():
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("triton_sweep", bench_script("triton_sweep.py"))
+    sweep = iu.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    recs = [dict(kernel="forward", mode="tiles", ms=2.0, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, num_warps=8,
+                 num_stages=3, table=True),
+            dict(kernel="forward", mode="flat", ms=1.0, BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
+            dict(kernel="forward", mode="tiles", error="OutOfResources", BLOCK_B=256, BLOCK_C=128),
+            dict(kernel="forward", mode="tiles", ms=1.5, BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),
+            dict(kernel="backward_gemm", mode="tiles", ms=3.0, BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3,
+                 maxnreg=128)]
+    assert sweep.best_tiles(recs) == {
+        "forward": dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),
+        "dlogits": dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)}
+    assert sweep.best_tiles([]) == {}
+
+
+def test_tile_override_parsing(tmp_path, monkeypatch):
+    """MVLOSS_TRITON_TILES as JSON text or a file replaces only the tiles it names; unknown kernels and keys, and a
+    BLOCK_C that would break the class splits' alignment, are ValueErrors naming them."""
+    import json
+
+    from mvloss.triton import _config
+
+    table = _config.forward_config(1024, 512, torch.bfloat16)
+    monkeypatch.setenv("MVLOSS_TRITON_TILES", '{"forward": {"BLOCK_B": 16, "num_stages": 2}}')
+    got = _config.forward_config(1024, 512, torch.bfloat16)
+    assert got == {**table, "BLOCK_B": 16, "num_stages": 2}
+    assert _config.dlogits_config(1024, 512, torch.bfloat16) == _config._dlogits_table(1024, 512, torch.bfloat16)
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"dlogits": {"BLOCK_C": 64, "maxnreg": 128}}))
+    monkeypatch.setenv("MVLOSS_TRITON_TILES", str(path))
+    assert _config.dlogits_config(1024, 512, torch.bfloat16)["BLOCK_C"] == 64
+    for bad, word in (('{"dx": {}}', "dx"), ('{"forward": {"BLOCK_K": 32}}', "BLOCK_K"),
+                      ('{"forward": {"BLOCK_C": 96}}', "BLOCK_C")):
+        monkeypatch.setenv("MVLOSS_TRITON_TILES", bad)
+        with pytest.raises(ValueError, match=word):
+            _config.forward_config(1024, 512, torch.bfloat16)
+
+
+def test_triton_step_with_other_tiles_matches_reference(monkeypatch):
+    """The kernels are correct with tiles other than the table's (what the tune stage times): smaller and
+    rectangular forward and recompute tiles through MVLOSS_TRITON_TILES."""
+    import json
+
+    monkeypatch.setenv("MVLOSS_TRITON_TILES", json.dumps({"forward": {"BLOCK_B": 16, "BLOCK_C": 128},
+                                                          "dlogits": {"BLOCK_B": 64, "BLOCK_C": 32}}))
+    kw = FAMILIES["mv_arc_adaptive"]
+    x, w, y = inputs(kw, c=C_BIG)
+    assert_matches_reference(x, w, y, "triton", label_smoothing=0.1, **kw)
 
 
 

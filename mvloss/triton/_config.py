@@ -10,6 +10,7 @@ sweep_run*.json); the rest is chosen by the sm_90 compile check alone.  See READ
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -144,7 +145,50 @@ def k_block(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 64
 
 
+TILE_KINDS = ("forward", "dlogits")
+TILE_KEYS = ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg")
+
+
+def tile_override(kind: str) -> dict:
+    """MVLOSS_TRITON_TILES: tiles that replace the table's for the forward kernel ("forward") and the default
+    backward's recompute kernel ("dlogits"), as JSON or the path of a JSON file, e.g.
+    ``{"forward": {"BLOCK_B": 64, "BLOCK_C": 128, "num_warps": 4, "num_stages": 3}}``.  For timing candidate tiles
+    in a whole training step (``bench/triton_gpu_timings.py --tiles``, bench/gpu_session.sh's tune stage); BLOCK_K
+    is not among them, since the forward and the backward must share it."""
+    raw = os.environ.get("MVLOSS_TRITON_TILES", "").strip()
+    return dict(_parse_tiles(raw).get(kind, {})) if raw else {}
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_tiles(raw: str) -> dict:
+    if raw.startswith("{"):
+        text = raw
+    else:
+        with open(raw) as f:
+            text = f.read()
+    tiles = json.loads(text)
+    for kind, cfg in tiles.items():
+        if kind not in TILE_KINDS:
+            raise ValueError(f"MVLOSS_TRITON_TILES: {kind!r} is not one of {TILE_KINDS}")
+        unknown = sorted(set(cfg) - set(TILE_KEYS))
+        if unknown:
+            raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: {unknown} are not among {TILE_KEYS}")
+        if SPLIT_ALIGN % cfg.get("BLOCK_C", 1):
+            raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: BLOCK_C must divide {SPLIT_ALIGN} (class splits)")
+    return tiles
+
+
 def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them."""
+    return {**_forward_table(batch, dim, dtype), **tile_override("forward")}
+
+
+def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them."""
+    return {**_dlogits_table(batch, dim, dtype), **tile_override("dlogits")}
+
+
+def _forward_table(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of the forward (LSE) kernel.
 
     Each compiles for sm_90 without (or with < 64 bytes of) register spills and fits shared memory
@@ -165,7 +209,7 @@ def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
 
 
-def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+def _dlogits_table(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the default backward's recompute kernel (backward_gemm).  Its epilogue keeps more B x C tiles alive
     than the forward's, so the forward's 128 x 128 tile spills (1.3 KB at bf16, sm_90); these compile spill-free
     (fp16: 40 bytes).  BLOCK_K is the forward's, so the cosines are summed in the same order."""
