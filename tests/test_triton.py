@@ -514,6 +514,13 @@ for dtype, b, d in cases:
         # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
         # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
         assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128}.get(kernel, 64), r
+# the eager-CUDA glue kernel of the pre-pass, from the narrowest rows to the widest it takes
+from mvloss.triton._compile_check import compile_target_rows
+from mvloss.triton.target_rows import MAX_D
+for dtype in (torch.bfloat16, torch.float32):
+    for d in (1, 77, 512, MAX_D):
+        r = compile_target_rows(dtype, d)
+        assert r["spill_bytes"] == 0 and r["registers"] <= 160, r
 print("ok")
 """
 

@@ -167,6 +167,27 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     return info
 
 
+def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
+    """Compile the pre-pass's glue kernel (``target_rows``) as its launcher would for rows of ``dim`` features:
+    registers and spills (it holds two whole rows in registers)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .target_rows import target_rows_kernel, target_rows_launch_options
+
+    block_d, options = target_rows_launch_options(dim)
+    sig = {name: "i32" for name in target_rows_kernel.arg_names}
+    sig.update(x_ptr="*" + _DT[dtype], w_ptr="*" + _DT[dtype], labels_ptr="*i64", has_ptr="*i1", xhat_ptr="*fp32",
+               what_ptr="*fp32", cos_ptr="*fp32", eps="fp32", NORMALIZE_X="constexpr", NORMALIZE_W="constexpr",
+               BLOCK_D="constexpr")
+    consts = dict(NORMALIZE_X=True, NORMALIZE_W=True, BLOCK_D=block_d)
+    compiled = triton.compile(ASTSource(target_rows_kernel, sig, constexprs=consts),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    return dict(kernel="target_rows", dtype=_DT[dtype], D=dim, shared=compiled.metadata.shared,
+                **_ptxas_info(compiled.asm["ptx"], arch))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mvloss.triton._compile_check")
     p.add_argument("--arch", type=int, default=90)

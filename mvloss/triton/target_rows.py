@@ -41,6 +41,13 @@ def supports(dim: int) -> bool:
     return 0 < dim <= MAX_D
 
 
+def target_rows_launch_options(dim: int) -> tuple[int, dict]:
+    """(BLOCK_D, compiler options) for rows of ``dim`` features: 8 warps beyond 2048 keep a row's two copies at
+    <= 32 registers a thread each."""
+    block_d = triton.next_power_of_2(dim)
+    return block_d, dict(num_warps=4 if _config.interpreting() or block_d <= 2048 else 8)
+
+
 def target_rows(x: torch.Tensor, w: torch.Tensor, safe_labels: torch.Tensor, has: torch.Tensor,
                 normalize_x: bool, normalize_w: bool, eps: float):
     """(x-hat (B, D), w-hat at safe_labels (B, D), x-hat . w-hat where ``has`` else 0 (B,)), fp32, one launch."""
@@ -50,9 +57,8 @@ def target_rows(x: torch.Tensor, w: torch.Tensor, safe_labels: torch.Tensor, has
     cos = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
         return xhat, what, cos
-    block_d = triton.next_power_of_2(D)
+    block_d, options = target_rows_launch_options(D)
     target_rows_kernel[(B,)](x, w, safe_labels, has, xhat, what, cos, w.shape[0], D, x.stride(0),
                              x.stride(1), w.stride(0), w.stride(1), float(eps), NORMALIZE_X=bool(normalize_x),
-                             NORMALIZE_W=bool(normalize_w), BLOCK_D=block_d,
-                             num_warps=4 if _config.interpreting() or block_d <= 2048 else 8)
+                             NORMALIZE_W=bool(normalize_w), BLOCK_D=block_d, **options)
     return xhat, what, cos
