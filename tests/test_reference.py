@@ -66,6 +66,23 @@ def test_arcface_target_logit_known_values():
     torch.testing.assert_close(easy, torch.where(c > 0, torch.cos(theta + 0.5), c))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arc_margin_at_the_poles(dtype):
+    """cos(theta + m) at |cos| = 1 and beyond (unclamped cosines): the value is c cos m (the sine term is 0, to
+    below an ulp) and the gradient finite, cos m, with the sine term's infinite slope cut to 0 (margins.safe_sqrt);
+    inside, the analytic cos m + c sin m / sqrt(1 - c^2)."""
+    m = 0.5
+    c = torch.tensor([1.0, -1.0, 1.0 + 1e-6, -1.0 - 1e-6, 0.6], dtype=dtype, requires_grad=True)
+    f = margins.cos_plus_margin(c, m)
+    f.sum().backward()
+    cd = c.detach().double()
+    assert torch.equal(f[:4].detach(), (c[:4] * math.cos(m)).detach())
+    assert torch.isfinite(c.grad).all()
+    torch.testing.assert_close(c.grad[:4].double(), torch.full((4,), math.cos(m), dtype=torch.float64))
+    inside = math.cos(m) + cd[4] * math.sin(m) / torch.sqrt(1 - cd[4] ** 2)
+    torch.testing.assert_close(c.grad[4].double(), inside, rtol=1e-6, atol=0)
+
+
 def test_sphereface_psi_is_monotone_and_matches_definition():
     c = torch.linspace(-1, 1, 2001, dtype=torch.float64)
     psi = margins.sphere_psi(c, 4)
