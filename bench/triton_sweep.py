@@ -27,14 +27,16 @@ FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 progr
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4),   # 2
            dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
-           dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3)]  # 6% faster at 100k (run 3); spills on 3.8
+           dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),  # 6% faster at 100k (run 3); spills on 3.8
+           dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3)]   # 1, no spill; W read once per 256 rows
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 3
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2, but spills (3.8)
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]  # the table's, capped: 2
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128),  # the table's, capped: 2
+           dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3)]   # the table's transposed: 1, no spill
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
