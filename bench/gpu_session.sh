@@ -53,7 +53,7 @@ if has timings; then
 fi
 if has sweep; then
   stamp "kernel sweep"
-  timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/triton_sweep.py --B 1024 --C "${SWEEP_C:-100000}" --D 512 --modes ${SWEEP_MODES:-tiles alt} --out "$OUT/sweep.json" \
+  timeout "${SWEEP_TIMEOUT:-240}" "$PY" bench/triton_sweep.py --B 1024 --C "${SWEEP_C:-100000}" --D 512 --modes ${SWEEP_MODES:-tiles alt} --out "$OUT/sweep.json" \
     > /dev/null 2> "$OUT/sweep.err"
   "$PY" - "$OUT/sweep.json" <<'EOF'
 import json, sys
@@ -68,7 +68,7 @@ if has tune; then
   if [ -s "$OUT/sweep.json" ]; then
     "$PY" bench/triton_sweep.py --best "$OUT/sweep.json" > "$OUT/best_tiles.json"
     stamp "tune: $(cat "$OUT/best_tiles.json")"
-    TIMINGS_COMPILE=0 timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 \
+    timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
       --C ${TUNE_C:-100000 1000000} --tiles "$OUT/best_tiles.json" --out "$OUT/timings_tuned.json" \
       > "$OUT/timings_tuned.log" 2>&1 || tail -n 5 "$OUT/timings_tuned.log"
     [ -s "$OUT/timings_tuned.json" ] && "$PY" - "$OUT/timings_tuned.json" <<'EOF'

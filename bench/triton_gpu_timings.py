@@ -101,7 +101,9 @@ def _peak_mb(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34, tiles=None):
+def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34, tiles=None,
+                step_only=False):
+    """The records of one shape; ``step_only``: only the Triton step, eager and graphed (and with ``tiles``)."""
     import mvloss.triton.ops  # noqa: F401  (registers the ops)
     from mvloss import functional as F
     from mvloss.negatives import inverse_norms
@@ -135,17 +137,19 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     import mvloss
 
     available = {b["name"] for b in mvloss.backends() if b["available"]}
-    for backend in [b for b in ("triton", "cuda", "chunked") if b in available or b == "triton"]:
+    backends = [b for b in ("triton", "cuda", "chunked") if b == "triton" or (b in available and not step_only)]
+    for backend in backends:
         ms_f = timed(loss_fwd(backend))
         ms_s = timed(loss_step(backend))
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
 
     # the candidate kernels (MVLOSS_TRITON_FORWARD=flat, MVLOSS_TRITON_DLOGITS=persistent) in the same full step
-    candidates = {"MVLOSS_TRITON_FORWARD": "flat", "MVLOSS_TRITON_DLOGITS": "persistent"}
-    with env(**candidates):
-        ms_s = timed(loss_step("triton"))
-    rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
+    if not step_only:
+        candidates = {"MVLOSS_TRITON_FORWARD": "flat", "MVLOSS_TRITON_DLOGITS": "persistent"}
+        with env(**candidates):
+            ms_s = timed(loss_step("triton"))
+        rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
 
     def graphed_ms():
         """The eager step captured in a CUDA graph and replayed: its GPU time alone, none of the host's launch
@@ -183,6 +187,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
             if device.type == "cuda":
                 ms_g = graphed_ms()
                 rec["triton_tiles"].update(graphed_ms=ms_g, graphed_tflops=step_flops / ms_g / 1e9)
+    if step_only:
+        return rec
 
     # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
     # mode pays for in host time
@@ -301,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default=None, metavar="JSON",
                    help="candidate tiles (MVLOSS_TRITON_TILES's JSON or a file of it) timed in the step beside the "
                         "table's: the triton_tiles record")
+    p.add_argument("--step-only", action="store_true",
+                   help="time only the Triton training step, eager and graphed (and with --tiles): a quick run")
     p.add_argument("--smoke", action="store_true",
                    help="check this script on the CPU: Triton interpreter, one tiny shape, meaningless timings")
     a = p.parse_args(argv)
@@ -319,32 +327,44 @@ def main(argv=None) -> int:
         for C in a.C:
             for D in a.D:
                 rec = bench_shape(B, C, D, DTYPES[a.dtype], device=device, warmup=warmup, iters=iters,
-                                  tiles=a.tiles)
+                                  tiles=a.tiles, step_only=a.step_only)
                 records.append(rec)
-                t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
-                print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton fwd {t['fwd_ms']:.2f} ms, "
-                      f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, flat+persistent "
-                      f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak "
-                      f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
-                      f"{o['bwd_w_ms']:.2f} (persistent {o['bwd_w_persistent_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
-                      f"{o['recompute_dw_ms']:.2f}) | "
-                      + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
-                         else "")
-                      + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
-                         else "")
-                      + (f"tiles {rec['triton_tiles']['fwd_bwd_ms']:.2f} ms (graphed "
-                         f"{rec['triton_tiles'].get('graphed_ms', float('nan')):.2f}) | " if "triton_tiles" in rec
-                         else "")
-                      + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
-                      + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
-                      f"(x{gm['triton_over_gemms']:.2f})"
-                      + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else ""), flush=True)
                 if a.out:  # after every shape, so a run stopped by a time limit keeps what it measured
                     with open(a.out, "w") as f:
                         json.dump(records, f, indent=1)
+                if a.step_only:
+                    t, g, tt = rec["triton"], rec.get("triton_graphed", {}), rec.get("triton_tiles", {})
+                    print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton step {t['fwd_bwd_ms']:.2f} ms "
+                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})"
+                          + (f" | tiles {tt['fwd_bwd_ms']:.2f} ms (graphed {tt.get('graphed_ms', float('nan')):.2f})"
+                             if tt else ""), flush=True)
+                else:
+                    _print_record(rec, a.dtype)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     return 0
+
+
+def _print_record(rec, dtype_name):
+    """One line of a shape's records (all rows)."""
+    t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
+    print(f"{rec['device']} {dtype_name} B={rec['B']} C={rec['C']} D={rec['D']}: triton fwd {t['fwd_ms']:.2f} ms, "
+          f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, flat+persistent "
+          f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak "
+          f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
+          f"{o['bwd_w_ms']:.2f} (persistent {o['bwd_w_persistent_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
+          f"{o['recompute_dw_ms']:.2f}) | "
+          + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
+             else "")
+          + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
+             else "")
+          + (f"tiles {rec['triton_tiles']['fwd_bwd_ms']:.2f} ms (graphed "
+             f"{rec['triton_tiles'].get('graphed_ms', float('nan')):.2f}) | " if "triton_tiles" in rec
+             else "")
+          + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
+          + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
+          f"(x{gm['triton_over_gemms']:.2f})"
+          + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -594,7 +594,8 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
 
 
 def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
-    """--tiles times the step again with those tiles (MVLOSS_TRITON_TILES) and records which tiles ran."""
+    """--tiles times the step again with those tiles (MVLOSS_TRITON_TILES) and records which tiles ran;
+    --step-only (the tune stage's quick run) times nothing else."""
     import json
     import subprocess
     import sys
@@ -603,10 +604,11 @@ def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
     out = tmp_path / "t.json"
     tiles = {"forward": {"BLOCK_B": 16, "BLOCK_C": 32, "num_warps": 4}, "dlogits": {"BLOCK_B": 16}}
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
-    proc = subprocess.run([sys.executable, script, *args, "--tiles", json.dumps(tiles), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TIMINGS_COMPILE": "0"})
+    proc = subprocess.run([sys.executable, script, *args, "--step-only", "--tiles", json.dumps(tiles), "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
+    assert set(rec) - {"triton_graphed"} == {"device", "B", "C", "D", "dtype", "tiles", "triton", "triton_tiles"}
     ran = rec["triton_tiles"]["tiles"]
     assert rec["triton_tiles"]["fwd_bwd_ms"] > 0
     assert {k: ran["forward"][k] for k in tiles["forward"]} == tiles["forward"]
