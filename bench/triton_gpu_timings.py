@@ -8,8 +8,9 @@ Per shape it times, at the same dtype:
   triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
   triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
-  triton_candidates  the same step with the candidate kernels (MVLOSS_TRITON_FORWARD=flat,
-              MVLOSS_TRITON_DLOGITS=persistent), to decide whether they become the default;
+  triton_candidates  the same step with the candidate kernels (CANDIDATES: MVLOSS_TRITON_FORWARD=ws,
+              MVLOSS_TRITON_DLOGITS=tma; before, flat and persistent, timed and dropped), to decide whether they
+              become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
@@ -32,6 +33,9 @@ import time
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the candidate loop forms timed beside the defaults (mvloss/triton/README.md); flat and persistent were timed on an
+# H100 and dropped (bench/results/nvidia-h100-80gb-hbm3/NOTES.md, runs 5-6)
+CANDIDATES = {"MVLOSS_TRITON_FORWARD": "ws", "MVLOSS_TRITON_DLOGITS": "tma"}
 
 
 @contextlib.contextmanager
@@ -144,12 +148,11 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
 
-    # the candidate kernels (MVLOSS_TRITON_FORWARD=flat, MVLOSS_TRITON_DLOGITS=persistent) in the same full step
+    # the candidate kernels in the same full step
     if not step_only:
-        candidates = {"MVLOSS_TRITON_FORWARD": "flat", "MVLOSS_TRITON_DLOGITS": "persistent"}
-        with env(**candidates):
+        with env(**CANDIDATES):
             ms_s = timed(loss_step("triton"))
-        rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=candidates)
+        rec["triton_candidates"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, env=CANDIDATES)
 
     def graphed_ms():
         """The eager step captured in a CUDA graph and replayed: its GPU time alone, none of the host's launch
@@ -177,13 +180,15 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     # eager and graphed, beside the table's: whether they become the table's
     from mvloss.triton import _config
 
-    rec["tiles"] = dict(forward=_config.forward_config(B, D, dtype), dlogits=_config.dlogits_config(B, D, dtype))
+    def tiles_in_use():
+        return dict(forward=dict(_config.forward_config(B, D, dtype), mode=_config.forward_mode()),
+                    dlogits=dict(_config.dlogits_config(B, D, dtype), mode=_config.dlogits_mode()))
+
+    rec["tiles"] = tiles_in_use()
     if tiles:
         with env(MVLOSS_TRITON_TILES=tiles):
             ms_s = timed(loss_step("triton"))
-            rec["triton_tiles"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9,
-                                       tiles=dict(forward=_config.forward_config(B, D, dtype),
-                                                  dlogits=_config.dlogits_config(B, D, dtype)))
+            rec["triton_tiles"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, tiles=tiles_in_use())
             if device.type == "cuda":
                 ms_g = graphed_ms()
                 rec["triton_tiles"].update(graphed_ms=ms_g, graphed_tflops=step_flops / ms_g / 1e9)
@@ -212,11 +217,11 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     bargs = args[:8] + (lse, torch.ones(B, device=device) / B, torch.zeros(B, device=device), 2, 0.2, False,
                         False, False)
     ms_f = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
-    with env(MVLOSS_TRITON_FORWARD="flat"):  # the candidate forward loop (see mvloss/triton/README.md)
-        ms_flat = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
+    with env(MVLOSS_TRITON_FORWARD=CANDIDATES["MVLOSS_TRITON_FORWARD"]):  # the candidate forward (triton/README.md)
+        ms_cand = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
     ms_b = timed(lambda: torch.ops.mvloss.triton_neg_backward(*bargs))
-    rec["triton_ops"] = dict(fwd_ms=ms_f, fwd_flat_ms=ms_flat, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
-                             fwd_flat_tflops=fwd_flops / ms_flat / 1e9,
+    rec["triton_ops"] = dict(fwd_ms=ms_f, fwd_candidate_ms=ms_cand, bwd_ms=ms_b, fwd_tflops=fwd_flops / ms_f / 1e9,
+                             fwd_candidate_tflops=fwd_flops / ms_cand / 1e9,
                              fwd_bwd_tflops=step_flops / (ms_f + ms_b) / 1e9,
                              fwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_forward(*args)),
                              bwd_peak_mb=peak(lambda: torch.ops.mvloss.triton_neg_backward(*bargs)))
@@ -228,8 +233,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     wargs = bargs[:11] + (torch.ones(B, device=device),) + bargs[11:] + (True, 1e-12)
     rec["triton_ops"]["bwd_w_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
     rec["triton_ops"]["bwd_w_peak_mb"] = peak(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
-    with env(MVLOSS_TRITON_DLOGITS="persistent"):  # the candidate recompute kernel (mvloss/triton/README.md)
-        rec["triton_ops"]["bwd_w_persistent_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
+    with env(MVLOSS_TRITON_DLOGITS=CANDIDATES["MVLOSS_TRITON_DLOGITS"]):  # the candidate recompute kernel
+        rec["triton_ops"]["bwd_w_candidate_ms"] = timed(lambda: torch.ops.mvloss.triton_neg_backward_w(*wargs))
     rec["triton_ops"]["recompute_dx_ms"] = timed(lambda: backward_dx.launch(*kargs))
     rec["triton_ops"]["recompute_dw_ms"] = timed(lambda: backward_dw.launch(*kargs))
 
@@ -349,10 +354,10 @@ def _print_record(rec, dtype_name):
     """One line of a shape's records (all rows)."""
     t, o, gm = rec["triton"], rec["triton_ops"], rec["gemms"]
     print(f"{rec['device']} {dtype_name} B={rec['B']} C={rec['C']} D={rec['D']}: triton fwd {t['fwd_ms']:.2f} ms, "
-          f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, flat+persistent "
-          f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak "
-          f"{t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} (flat {o['fwd_flat_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w "
-          f"{o['bwd_w_ms']:.2f} (persistent {o['bwd_w_persistent_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
+          f"fwd+bwd {t['fwd_bwd_ms']:.2f} ms ({t['fwd_bwd_tflops']:.1f} TFLOP/s, candidates "
+          f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak {t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} "
+          f"(candidate {o['fwd_candidate_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w {o['bwd_w_ms']:.2f} (candidate "
+          f"{o['bwd_w_candidate_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
           f"{o['recompute_dw_ms']:.2f}) | "
           + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
              else "")

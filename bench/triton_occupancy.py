@@ -19,18 +19,27 @@ import torch  # noqa: E402
 
 def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from triton_sweep import DLOGITS, FORWARD
+    from triton_sweep import DLOGITS_BY_MODE, FORWARD_BY_MODE
 
     from mvloss.triton._compile_check import compile_kernel
 
     out = []
-    for kernel, configs in (("fwd", FORWARD), ("dlogits", DLOGITS)):
+    for kernel, configs in (("fwd", FORWARD_BY_MODE["tiles"]), ("fwd_tma", FORWARD_BY_MODE["tma"]),
+                            ("fwd_ws", FORWARD_BY_MODE["ws"]), ("dlogits", DLOGITS_BY_MODE["tiles"]),
+                            ("dlogits_tma", DLOGITS_BY_MODE["tma"])):
         for cfg in [None] + configs:
-            r = compile_kernel(kernel, dtype, B, D, config=cfg)
+            try:
+                r = compile_kernel(kernel, dtype, B, D, config=cfg)
+            except Exception as exc:  # a form this Triton cannot compile with these tiles (3.8: ws with 128 rows)
+                r = dict(kernel=kernel, config=cfg, error=f"{type(exc).__name__}: {str(exc).strip()[:80]}")
             r["table"] = cfg is None
             out.append(r)
             print(r, flush=True)
     return out
+
+
+NAMES = {"fwd": "forward", "fwd_tma": "forward, tma", "fwd_ws": "forward, ws", "dlogits": "recompute (dlogits)",
+         "dlogits_tma": "recompute (dlogits), tma"}
 
 
 def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> str:
@@ -40,13 +49,21 @@ def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> s
              f"Command: `{command}`  ", f"torch {torch.__version__}, triton {triton.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Programs per SM from registers (64K a SM, "
              "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program); SASS "
-             "instructions: the kernel's static count (nvdisasm), mostly the class-tile loop body.", "",
+             "instructions: the kernel's static count (nvdisasm), mostly the class-tile loop body. Forms: the "
+             "default pointer loads, tma (TMA-descriptor loads) and ws (tma, warp-specialised: the warps column "
+             "gives num_warps and, after the arrow, the warps launched with the producer group).", "",
              "| kernel | BLOCK_B × BLOCK_C | warps | stages | register cap | registers | spill bytes | shared KB | "
              "programs / SM | SASS instructions |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        c = r["config"]
-        name = ("forward" if r["kernel"] == "fwd" else "recompute (dlogits)") + (" — table" if r["table"] else "")
-        lines.append(f"| {name} | {c['BLOCK_B']} × {c['BLOCK_C']} | {c['num_warps']} | {c['num_stages']} | "
+        c = r["config"] or {}
+        name = NAMES[r["kernel"]] + (" — table" if r["table"] else "")
+        if "error" in r:
+            lines.append(f"| {name} | {c.get('BLOCK_B')} × {c.get('BLOCK_C')} | {c.get('num_warps')} | "
+                         f"{c.get('num_stages')} | {c.get('maxnreg', '')} | does not compile: {r['error']} |"
+                         " | | | |")
+            continue
+        warps = f"{c['num_warps']}" + (f" → {r['warps']}" if r.get("warps", c["num_warps"]) != c["num_warps"] else "")
+        lines.append(f"| {name} | {c['BLOCK_B']} × {c['BLOCK_C']} | {warps} | {c['num_stages']} | "
                      f"{c.get('maxnreg', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared'] // 1024} | "
                      f"{r['programs_per_sm']} | {r['sass_instructions']} |")
     return "\n".join(lines) + "\n"

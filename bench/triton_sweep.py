@@ -7,9 +7,11 @@ tiles of nothing else; the backward's recompute kernel (backward_gemm) has its o
     python bench/triton_sweep.py --best sweep.json > tiles.json   # its fastest tiles, for MVLOSS_TRITON_TILES
 
 Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
-(CUDA events, median).  The first row of each kernel is the table's own choice.  The forward and the recompute
-kernel are timed in both of their loop forms (MVLOSS_TRITON_FORWARD = tiles / flat, MVLOSS_TRITON_DLOGITS = tiles /
-persistent: the ``mode`` field).
+(CUDA events, median).  The first row of each kernel and loop form is the table's own choice.  The forward and the
+recompute kernel are timed in each of their loop forms (MVLOSS_TRITON_FORWARD = tiles / flat / tma / ws,
+MVLOSS_TRITON_DLOGITS = tiles / persistent / tma: the ``mode`` field; ``--modes`` picks them, "alt" standing for every
+form but tiles), each form with its own candidates.  Every run's outputs are compared with the table's in the
+tiles form (``max_rel_err``); one further off than ``TOLERANCE`` gets an ``error`` and is never the fastest.
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 progr
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
            dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),  # 6% faster at 100k (run 3); spills on 3.8
            dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3)]   # 1, no spill; W read once per 256 rows
+# the warp-specialised form: 4 warps a consumer group (Triton leaves an 8-warp loop as it is); 128 and 256 rows
+# compile under the GPU image's triton 3.6, not 3.8 (its data partitioning cannot split a 128-row descriptor tile)
+FORWARD_WS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3),
+              dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
+              dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
+              dict(BLOCK_B=256, BLOCK_C=64, num_warps=4, num_stages=3),
+              dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=2)]
+FORWARD_BY_MODE = {"tiles": FORWARD, "flat": FORWARD, "tma": FORWARD[:3], "ws": FORWARD_WS}
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
@@ -41,6 +51,8 @@ BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
             dict(BLOCK_B=64, BLOCK_C=128, BLOCK_DO=128, num_warps=8, num_stages=2)]
+DLOGITS_BY_MODE = {"tiles": DLOGITS, "persistent": DLOGITS, "tma": [DLOGITS[3], DLOGITS[6]]}
+TOLERANCE = 1e-4  # largest relative difference from the table's outputs (same sums, same order: ~0 expected)
 
 
 # the kernels whose tiles MVLOSS_TRITON_TILES sets, by the sweep's name for them
@@ -48,18 +60,27 @@ TILE_KINDS = {"forward": "forward", "backward_gemm": "dlogits"}
 
 
 def best_tiles(records) -> dict:
-    """The fastest configuration of the forward and of the default backward in the default loop form ("tiles"),
-    among the sweep's records without an error, in MVLOSS_TRITON_TILES's form: {"forward": {...}, "dlogits": {...}}
-    (BLOCK_K is left out: the forward and the backward share it)."""
+    """The fastest configuration and loop form of the forward and of the default backward among the sweep's records
+    without an error, in MVLOSS_TRITON_TILES's form: {"forward": {..., "mode": ...}, "dlogits": {...}} (BLOCK_K is
+    left out: the forward and the backward share it; "mode" only where it is not the default form)."""
     from mvloss.triton._config import TILE_KEYS
 
     best = {}
     for kernel, kind in TILE_KINDS.items():
-        rows = [r for r in records if r.get("kernel") == kernel and "ms" in r and r.get("mode", "tiles") == "tiles"]
+        rows = [r for r in records if r.get("kernel") == kernel and "ms" in r and "error" not in r]
         if rows:
             fastest = min(rows, key=lambda r: r["ms"])
-            best[kind] = {k: fastest[k] for k in TILE_KEYS if k in fastest}
+            best[kind] = {k: fastest[k] for k in TILE_KEYS if k in fastest and (k, fastest[k]) != ("mode", "tiles")}
     return best
+
+
+def max_rel_err(out, ref) -> float:
+    """Largest |out - ref| over the largest |ref|, across the tensors of two outputs (None and empty ones skipped)."""
+    worst = 0.0
+    for o, r in zip(out, ref):
+        if isinstance(r, torch.Tensor) and r.numel():
+            worst = max(worst, ((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item())
+    return worst
 
 
 def main(argv=None) -> int:
@@ -70,8 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--modes", nargs="+", choices=("tiles", "alt"), default=["tiles", "alt"],
-                   help="loop forms to sweep: tiles (the default one) and alt (flat forward, persistent recompute)")
+    p.add_argument("--modes", nargs="+", default=["tiles", "alt"],
+                   choices=("tiles", "alt", "flat", "tma", "ws", "persistent"),
+                   help="loop forms to sweep: tiles (the default one), alt (all the others), or named ones")
     p.add_argument("--best", metavar="SWEEP.json", help="print the fastest tiles of a sweep's records as JSON")
     a = p.parse_args(argv)
     if a.best:
@@ -102,12 +124,16 @@ def main(argv=None) -> int:
     flops = 2.0 * B * C * D
     records = []
 
-    def record(kernel, cfg, fn):
+    def record(kernel, cfg, fn, ref):
         try:
             ms = _time(fn, device, warmup, iters)
             rec = dict(device=name, kernel=kernel, B=B, C=C, D=D, dtype=a.dtype, ms=ms, tflops=flops / ms / 1e9,
                        **{k: v for k, v in cfg.items()})
-        except Exception as exc:  # a configuration out of resources on this device
+            if ref is not None:
+                rec["max_rel_err"] = max_rel_err(fn(), ref)
+                if not rec["max_rel_err"] <= TOLERANCE:
+                    rec["error"] = f"outputs differ from the table's by {rec['max_rel_err']:.3g} (relative)"
+        except Exception as exc:  # a configuration out of resources on this device, or one that does not compile
             rec = dict(device=name, kernel=kernel, error=f"{type(exc).__name__}: {str(exc)[:200]}", **cfg)
         records.append(rec)
         print(json.dumps(rec), flush=True)
@@ -115,27 +141,31 @@ def main(argv=None) -> int:
             with open(a.out, "w") as f:
                 json.dump(records, f, indent=1)
 
-    def sweep(kernel, table_name, configs, mode_var, modes, fn):
-        """Each configuration (None: the table's own) in each loop form --modes asks for (the first of ``modes`` is
-        "tiles", the others "alt"), the table restored afterwards."""
+    def wanted(mode):
+        return mode in a.modes or ("tiles" if mode == "tiles" else "alt") in a.modes
+
+    def sweep(kernel, table_name, by_mode, mode_var, fn):
+        """Each loop form --modes asks for, with the table's configuration and then its candidates, each run's
+        outputs checked against the table's in the tiles form; the table restored afterwards."""
         table = getattr(_config, table_name)
+        with env(**{mode_var: "tiles"}):
+            ref = fn()
         try:
-            for mode in modes:
-                if ("tiles" if mode == "tiles" else "alt") not in a.modes:
+            for mode, configs in by_mode.items():
+                if not wanted(mode):
                     continue
                 with env(**{mode_var: mode}):
                     for cfg in [None] + configs:
                         setattr(_config, table_name,
                                 table if cfg is None else (lambda *_, c=cfg: dict(c, BLOCK_K=bk)))
                         shown = dict(cfg or dict(table(B, D, dtype), table=True), mode=mode)
-                        record(kernel, shown, fn)
+                        record(kernel, shown, fn, ref)
         finally:
             setattr(_config, table_name, table)
 
     try:
-        sweep("forward", "forward_config", FORWARD, "MVLOSS_TRITON_FORWARD", _config.FORWARD_MODES,
-              lambda: forward_lse.launch(*args))
-        sweep("backward_gemm", "dlogits_config", DLOGITS, "MVLOSS_TRITON_DLOGITS", _config.DLOGITS_MODES,
+        sweep("forward", "forward_config", FORWARD_BY_MODE, "MVLOSS_TRITON_FORWARD", lambda: forward_lse.launch(*args))
+        sweep("backward_gemm", "dlogits_config", DLOGITS_BY_MODE, "MVLOSS_TRITON_DLOGITS",
               lambda: backward_gemm.launch(*kargs, False))
         if os.environ.get("SWEEP_RECOMPUTE") == "1":
             for kernel, mod in (("dx", backward_dx), ("dw", backward_dw)):
@@ -143,7 +173,7 @@ def main(argv=None) -> int:
                     if cfg is not None:
                         _config.backward_config = lambda *_, c=cfg: dict(c, BLOCK_K=bk)
                     record(kernel, cfg or dict(table_bwd(kernel, B, D, dtype), table=True),
-                           lambda: mod.launch(*kargs))
+                           lambda: mod.launch(*kargs), None)
                     _config.backward_config = table_bwd
     finally:
         _config.forward_config, _config.backward_config = table_fwd, table_bwd

@@ -127,24 +127,52 @@ def test_triton_forced_splits(monkeypatch):
     assert_matches_reference(x, w, y, "triton", m2=0.5, mv="curricular", t=0.3, label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_flat_forward_is_the_same_sum(monkeypatch, dtype):
-    """MVLOSS_TRITON_FORWARD=flat (one loop over class tiles x K slices) adds the same products in the same order as
-    the default: identical lse and zsum, several class tiles per split and a feature dimension of three K slices."""
+@pytest.mark.parametrize("mode", ["flat", "tma", "ws"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_forward_loop_forms_are_the_same_sum(monkeypatch, dtype, mode):
+    """MVLOSS_TRITON_FORWARD = flat (one loop over class tiles x K slices), tma (TMA-descriptor loads) and ws (tma,
+    warp-specialised) add the same products in the same order as the default: identical lse and zsum under the
+    interpreter (on a GPU the tma/ws tiles and warp layout may order a row's sum differently: equal to fp32
+    rounding), several class tiles per split, a feature dimension of three K slices; then a whole loss."""
     import mvloss.triton.ops  # noqa: F401
 
-    x, w, y = inputs(FAMILIES["mv_arc_adaptive"], dtype, c=C_BIG)
+    from mvloss.triton import tma
+
+    x, w, y = inputs(FAMILIES["mv_arc_adaptive"], dtype, c=C_BIG, d=80)  # 80: rows a descriptor can cover
+    assert tma.usable(x, w)
     bias = torch.linspace(-0.3, 0.3, C_BIG, device=DEVICE)
     args = _op_args(x, w, y, bias)
     got = {}
-    for mode in ("tiles", "flat"):
-        monkeypatch.setenv("MVLOSS_TRITON_FORWARD", mode)
-        got[mode] = torch.ops.mvloss.triton_neg_forward(*args)
-    for a, b in zip(got["tiles"], got["flat"]):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
+    for form in ("tiles", mode):
+        monkeypatch.setenv("MVLOSS_TRITON_FORWARD", form)
+        got[form] = torch.ops.mvloss.triton_neg_forward(*args)
+    for a, b in zip(got["tiles"], got[mode]):
+        assert torch.isfinite(a).all()
+        if mode == "flat" or DEVICE == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=2e-6, atol=0)
     kw = FAMILIES["facexzoo_curricular"]
-    x, w, y = inputs(kw, dtype)
+    x, w, y = inputs(kw, dtype, d=80)
     assert_matches_reference(x, w, y, "triton", **kw)
+
+
+@pytest.mark.parametrize("mode", ["tma", "ws"])
+def test_triton_tma_forward_falls_back_where_descriptors_cannot_go(monkeypatch, mode):
+    """A TMA descriptor needs unit feature strides and 16-byte aligned rows and base: W stored D x C (a transposed
+    view), rows of 7 bf16 features (14 bytes) and x one element off an aligned base take the pointer kernel, with
+    the same results."""
+    from mvloss.triton import tma
+
+    monkeypatch.setenv("MVLOSS_TRITON_FORWARD", mode)
+    x, w, y = inputs({}, torch.bfloat16, d=7)
+    assert not tma.usable(x, w)
+    assert_matches_reference(x, w, y, "triton", m2=0.5, mv="adaptive", t=0.2)
+    x, w, y = inputs({}, d=80)
+    w_t = w.T.contiguous().T
+    x_off = torch.cat([torch.zeros(1, device=DEVICE), x.flatten()])[1:].view_as(x)
+    assert tma.usable(x, w) and not tma.usable(x, w_t) and not tma.usable(x_off, w)
+    assert_matches_reference(x_off, w_t, y, "triton", m3=0.35, mv="fixed", t=0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -164,27 +192,36 @@ def test_triton_targets_on_chunk_edges_and_zero_rows(monkeypatch, dtype):
     assert_matches_reference(x, w, y, "triton", m2=0.5, mv="adaptive", t=0.2, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("mode", ["persistent", "tma"])
 @pytest.mark.parametrize("b", [B, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_persistent_dlogits_same_gradients(monkeypatch, dtype, b):
-    """MVLOSS_TRITON_DLOGITS=persistent (each program loops over several class tiles: one class program at B = 37
-    under the interpreter, two at B = 16) writes the same workspaces: identical gradients, learnable scale and bias
-    (their per-tile partials) included, over several class chunks."""
+def test_triton_dlogits_loop_forms_same_gradients(monkeypatch, dtype, b, mode):
+    """MVLOSS_TRITON_DLOGITS = persistent (each program loops over several class tiles: one class program at B = 37
+    under the interpreter, two at B = 16) and tma (TMA-descriptor loads) write the same workspaces: identical
+    gradients, learnable scale and bias (their per-tile partials) included, over several class chunks (tma on a GPU:
+    equal to fp32 rounding, its tiles may sum in another order)."""
+    from mvloss.triton import tma
+
     monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(b * 256))
-    x, w, y = inputs({}, dtype, b=b, c=C_BIG)
+    x, w, y = inputs({}, dtype, b=b, c=C_BIG, d=80)  # 80: rows a TMA descriptor can cover
+    assert tma.usable(x, w)
     bias = torch.linspace(-0.3, 0.3, C_BIG, device=DEVICE)
     results = {}
-    for mode in ("tiles", "persistent"):
-        monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", mode)
+    for form in ("tiles", mode):
+        monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", form)
         scale = torch.tensor(12.0, device=DEVICE, requires_grad=True)
         bb = bias.clone().requires_grad_(True)
         xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         loss = F.arcface_loss(xd, wd, y, scale=scale, bias=bb, backend="triton", mv="adaptive", t=0.2,
                               label_smoothing=0.1)
         loss.backward()
-        results[mode] = [loss, xd.grad, wd.grad, scale.grad, bb.grad]
-    for name, a, p in zip(("loss", "dx", "dW", "dscale", "dbias"), results["tiles"], results["persistent"]):
-        assert torch.isfinite(p).all() and torch.equal(a, p), name
+        results[form] = [loss, xd.grad, wd.grad, scale.grad, bb.grad]
+    for name, a, p in zip(("loss", "dx", "dW", "dscale", "dbias"), results["tiles"], results[mode]):
+        assert torch.isfinite(p).all(), name
+        if mode == "persistent" or DEVICE == "cpu":
+            assert torch.equal(a, p), name
+        else:
+            torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("mode", ["gemm_small_workspace", "recompute"])
@@ -500,9 +537,12 @@ from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
 cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
          (torch.float32, 64, 40)]
 for dtype, b, d in cases:
-    for kernel in ("fwd", "fwd_flat", "dlogits", "dlogits_persistent", "dx", "dw"):
+    for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma", "dx",
+                   "dw"):
         if kernel not in ("dx", "dw") and (dtype, b, d) != cases[0] and dtype != torch.float32:
             continue
+        if kernel in ("fwd_tma", "fwd_ws", "dlogits_tma") and d % 4:
+            continue  # rows a TMA descriptor cannot describe: the launcher takes the pointer kernel
         r = compile_kernel(kernel, dtype, b, d, arch=90)
         assert r["shared"] <= SHARED_LIMIT, r
         # rows a multiple of 16 elements: loads go through asynchronous copies (the software pipeline), and bf16 dots
@@ -510,6 +550,8 @@ for dtype, b, d in cases:
         assert r["async_copies"] > 0 or d % 16, r
         if dtype == torch.bfloat16 and b == 1024:
             assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
+            # the ws form's table tile is warp-specialised (a producer group and two consumer groups: 12 warps)
+            assert r["warp_specialized"] == (kernel == "fwd_ws") and (r["warps"] == 12) == (kernel == "fwd_ws"), r
         # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
         # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
         # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
@@ -589,7 +631,7 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
     assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
-    assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_persistent_ms"] > 0
+    assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_candidate_ms"] > 0
     assert "triton_tiles" not in rec  # only with --tiles
 
 
@@ -634,8 +676,9 @@ def test_triton_accuracy_script(tmp_path):
 
 
 def test_triton_sweep_script_smoke(tmp_path):
-    """bench/triton_sweep.py times every configuration in both loop forms of each kernel (a small shape on a GPU,
-    --smoke elsewhere)."""
+    """bench/triton_sweep.py times every configuration in every loop form of each kernel (a small shape on a GPU,
+    --smoke elsewhere), each run's outputs equal to the table's; --best gives the fastest, its form included;
+    --modes narrows the forms."""
     import json
     import subprocess
     import sys
@@ -647,40 +690,57 @@ def test_triton_sweep_script_smoke(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads(out.read_text())
-    assert all("ms" in r for r in recs), [r for r in recs if "ms" not in r]
-    assert {(r["kernel"], r["mode"]) for r in recs} == {("forward", "tiles"), ("forward", "flat"),
-                                                       ("backward_gemm", "tiles"), ("backward_gemm", "persistent")}
+    assert all("ms" in r and "error" not in r for r in recs), [r for r in recs if "ms" not in r or "error" in r]
+    assert all(r["max_rel_err"] <= 1e-4 for r in recs)
+    forms = {("forward", m) for m in ("tiles", "flat", "tma", "ws")}
+    assert {(r["kernel"], r["mode"]) for r in recs} == forms | {("backward_gemm", m) for m in
+                                                                ("tiles", "persistent", "tma")}
     best = subprocess.run([sys.executable, script, "--best", str(out)], capture_output=True, text=True, timeout=60)
     assert best.returncode == 0, best.stderr[-3000:]
     tiles = json.loads(best.stdout)
     for kernel, kind in (("forward", "forward"), ("backward_gemm", "dlogits")):
-        fastest = min((r for r in recs if r["kernel"] == kernel and r["mode"] == "tiles"), key=lambda r: r["ms"])
-        assert tiles[kind] == {k: fastest[k] for k in ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg")
-                               if k in fastest}
+        fastest = min((r for r in recs if r["kernel"] == kernel), key=lambda r: r["ms"])
+        want = {k: fastest[k] for k in ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg") if k in fastest}
+        if fastest["mode"] != "tiles":
+            want["mode"] = fastest["mode"]
+        assert tiles[kind] == want
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script, *args, "--modes", "ws", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert {(r["kernel"], r["mode"]) for r in json.loads(out.read_text())} == {("forward", "ws")}
 
 
-def test_sweep_best_tiles_skips_errors_and_other_loop_forms():
+def test_sweep_best_tiles_skips_errors_and_names_the_loop_form():
     import importlib.util as iu
+
+    import torch as _torch
 
     spec = iu.spec_from_file_location("triton_sweep", bench_script("triton_sweep.py"))
     sweep = iu.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     recs = [dict(kernel="forward", mode="tiles", ms=2.0, BLOCK_B=128, BLOCK_C=128, BLOCK_K=64, num_warps=8,
                  num_stages=3, table=True),
+            dict(kernel="forward", mode="ws", ms=0.5, BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3,
+                 max_rel_err=0.3, error="outputs differ from the table's by 0.3 (relative)"),
             dict(kernel="forward", mode="flat", ms=1.0, BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
             dict(kernel="forward", mode="tiles", error="OutOfResources", BLOCK_B=256, BLOCK_C=128),
             dict(kernel="forward", mode="tiles", ms=1.5, BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),
             dict(kernel="backward_gemm", mode="tiles", ms=3.0, BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3,
                  maxnreg=128)]
     assert sweep.best_tiles(recs) == {
-        "forward": dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),
+        "forward": dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4, mode="flat"),
         "dlogits": dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)}
     assert sweep.best_tiles([]) == {}
+    ref = (_torch.tensor([1.0, -2.0]), _torch.empty(0))
+    assert sweep.max_rel_err(ref, ref) == 0.0
+    assert sweep.max_rel_err((_torch.tensor([1.0, -2.5]), _torch.empty(0)), ref) == 0.25
 
 
 def test_tile_override_parsing(tmp_path, monkeypatch):
-    """MVLOSS_TRITON_TILES as JSON text or a file replaces only the tiles it names; unknown kernels and keys, and a
-    BLOCK_C that would break the class splits' alignment, are ValueErrors naming them."""
+    """MVLOSS_TRITON_TILES as JSON text or a file replaces only the tiles it names, and its "mode" the loop form;
+    unknown kernels, keys and forms, and a BLOCK_C that would break the class splits' alignment, are ValueErrors
+    naming them."""
     import json
 
     from mvloss.triton import _config
@@ -694,8 +754,13 @@ def test_tile_override_parsing(tmp_path, monkeypatch):
     path.write_text(json.dumps({"dlogits": {"BLOCK_C": 64, "maxnreg": 128}}))
     monkeypatch.setenv("MVLOSS_TRITON_TILES", str(path))
     assert _config.dlogits_config(1024, 512, torch.bfloat16)["BLOCK_C"] == 64
+    monkeypatch.setenv("MVLOSS_TRITON_TILES",
+                       '{"forward": {"BLOCK_B": 64, "mode": "tma"}, "dlogits": {"mode": "persistent"}}')
+    monkeypatch.setenv("MVLOSS_TRITON_FORWARD", "flat")
+    assert _config.forward_mode() == "tma" and _config.dlogits_mode() == "persistent"  # the override's form wins
+    assert _config.forward_config(1024, 512, torch.bfloat16) == {**table, "BLOCK_B": 64}  # "mode" is not a tile
     for bad, word in (('{"dx": {}}', "dx"), ('{"forward": {"BLOCK_K": 32}}', "BLOCK_K"),
-                      ('{"forward": {"BLOCK_C": 96}}', "BLOCK_C")):
+                      ('{"forward": {"BLOCK_C": 96}}', "BLOCK_C"), ('{"dlogits": {"mode": "ws"}}', "mode")):
         monkeypatch.setenv("MVLOSS_TRITON_TILES", bad)
         with pytest.raises(ValueError, match=word):
             _config.forward_config(1024, 512, torch.bfloat16)

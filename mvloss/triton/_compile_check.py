@@ -112,8 +112,10 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: in
 
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True, config: dict | None = None) -> dict:
-    """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "dlogits" -- the default backward's
-    recompute kernel --, "dlogits_persistent" -- MVLOSS_TRITON_DLOGITS=persistent --, or the recompute design's
+    """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "fwd_tma" / "fwd_ws" -- the TMA
+    kernel, MVLOSS_TRITON_FORWARD=tma / ws --, "dlogits" -- the default backward's
+    recompute kernel --, "dlogits_persistent" / "dlogits_tma" -- MVLOSS_TRITON_DLOGITS=persistent / tma --, or the
+    recompute design's
     "dx", "dw") with the configuration _config picks for (batch, dim, dtype), or with ``config`` (tile sizes, warps
     and stages; BLOCK_K is always _config's, so the summation order stays the forward's)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -123,15 +125,19 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     from triton.compiler import ASTSource
 
     from . import _config
-    from .backward_gemm import neg_dlogits_kernel
+    from .backward_gemm import neg_dlogits_kernel, neg_dlogits_tma_kernel
     from .backward_dw import neg_dw_kernel
     from .backward_dx import neg_dx_kernel
     from .forward_lse import neg_lse_kernel
+    from .forward_tma import neg_lse_tma_kernel
 
-    fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "dlogits": neg_dlogits_kernel,
+    fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "fwd_tma": neg_lse_tma_kernel,
+          "fwd_ws": neg_lse_tma_kernel, "dlogits": neg_dlogits_kernel, "dlogits_tma": neg_dlogits_tma_kernel,
           "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
-    if kernel in ("fwd", "fwd_flat"):
+    if kernel.startswith("fwd"):
         cfg = _config.forward_config(batch, dim, dtype)
+        if kernel == "fwd_ws" and dtype != torch.float32 and batch > 16:
+            cfg.update(_config.WS_FORWARD_TILES)  # what forward_config gives the ws form
     elif kernel.startswith("dlogits"):
         cfg = _config.dlogits_config(batch, dim, dtype)
     else:
@@ -142,27 +148,37 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                   PRECISION=_config.input_precision(dtype))
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
+    if kernel in ("fwd_tma", "fwd_ws"):
+        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and dtype != torch.float32
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
         consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16,
-                      TARGET=dtype != torch.float16, PERSISTENT=kernel == "dlogits_persistent")
+                      TARGET=dtype != torch.float16)
+        if kernel != "dlogits_tma":
+            consts["PERSISTENT"] = kernel == "dlogits_persistent"
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
         consts["NEED_DBIAS"] = True
     consts.update({k: v for k, v in cfg.items() if k not in _LAUNCH_OPTIONS})
-    consts.update({name: 1 for name in _UNIT_STRIDES})
+    consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
     sig = _signature(fn, dtype, consts)
+    for name, rows in (("x_desc", cfg["BLOCK_B"]), ("w_desc", cfg["BLOCK_C"])):
+        if name in sig:
+            sig[name] = f"tensordesc<{_DT[dtype]}[{rows}, {cfg['BLOCK_K']}]>"
     src = ASTSource(fn, sig, constexprs=consts, attrs=_attrs(fn, sig, _sizes(batch, dim)))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={k: v for k, v in cfg.items() if k in _LAUNCH_OPTIONS})
     ptx = compiled.asm["ptx"]
     info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared,
-                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
+                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)|cp\.async\.bulk\.tensor", ptx)),
+                warp_specialized="setmaxnreg" in ptx,
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
     info.update(_ptxas_info(ptx, arch))
-    info["programs_per_sm"] = programs_per_sm(info["registers"], cfg["num_warps"], info["shared"])
+    # a warp-specialised kernel launches more warps than num_warps (its producer and consumer groups)
+    info["warps"] = compiled.metadata.num_warps
+    info["programs_per_sm"] = programs_per_sm(info["registers"], info["warps"], info["shared"])
     info["sass_instructions"] = sass_instructions(compiled.asm["cubin"])
     return info
 
@@ -199,7 +215,8 @@ def main(argv=None) -> int:
     for dt in a.dtype:
         for b in a.B:
             for d in a.D:
-                for kernel in ("fwd", "fwd_flat", "dlogits", "dlogits_persistent", "dx", "dw"):
+                for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma",
+                               "dx", "dw"):
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
                     print(f"{kernel:18} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "

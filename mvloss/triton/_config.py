@@ -37,8 +37,8 @@ def _choice(var: str, choices: tuple, default: str) -> str:
 
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 BACKWARD_MODES = ("gemm", "recompute")
-FORWARD_MODES = ("tiles", "flat")
-DLOGITS_MODES = ("tiles", "persistent")
+FORWARD_MODES = ("tiles", "flat", "tma", "ws")
+DLOGITS_MODES = ("tiles", "persistent", "tma")
 
 
 def fp32_precision() -> str:
@@ -57,18 +57,21 @@ def backward_mode() -> str:
 
 
 def forward_mode() -> str:
-    """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop) or flat (one loop over (class
-    tile, K slice) pairs, so the software pipeline spans class tiles).  Same sums in the same order; flat was the
-    candidate for the H100's exposed load latency between tiles: timed there, no faster in a training step."""
-    return _choice("MVLOSS_TRITON_FORWARD", FORWARD_MODES, "tiles")
+    """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop), flat (one loop over (class
+    tile, K slice) pairs, so the software pipeline spans class tiles; timed on an H100: no faster in a training
+    step), tma (the tiles loop with TMA-descriptor loads, forward_tma.py) or ws (tma, the class-tile loop
+    warp-specialised).  Same sums in the same order; tma and ws are candidates not yet timed on a GPU.
+    MVLOSS_TRITON_TILES's forward "mode", where given, wins."""
+    return tile_override("forward").get("mode") or _choice("MVLOSS_TRITON_FORWARD", FORWARD_MODES, "tiles")
 
 
 def dlogits_mode() -> str:
     """MVLOSS_TRITON_DLOGITS = tiles (default: the default backward's recompute kernel takes one class tile per
-    program) or persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
-    the epilogue).  Same values either way; persistent was timed
-    on an H100: 4% slower at C = 1M (bench/results/nvidia-h100-80gb-hbm3/NOTES.md)."""
-    return _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
+    program), persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
+    the epilogue; timed on an H100: 4% slower at C = 1M, bench/results/nvidia-h100-80gb-hbm3/NOTES.md) or tma (the
+    default form with TMA-descriptor loads, fewer registers: a candidate not yet timed on a GPU).  Same values
+    whichever.  MVLOSS_TRITON_TILES's dlogits "mode", where given, wins."""
+    return tile_override("dlogits").get("mode") or _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 
 
 def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.device) -> int:
@@ -146,15 +149,17 @@ def k_block(dtype: torch.dtype) -> int:
 
 
 TILE_KINDS = ("forward", "dlogits")
-TILE_KEYS = ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg")
+TILE_KEYS = ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg", "mode")
+MODES = {"forward": FORWARD_MODES, "dlogits": DLOGITS_MODES}
 
 
 def tile_override(kind: str) -> dict:
     """MVLOSS_TRITON_TILES: tiles that replace the table's for the forward kernel ("forward") and the default
     backward's recompute kernel ("dlogits"), as JSON or the path of a JSON file, e.g.
-    ``{"forward": {"BLOCK_B": 64, "BLOCK_C": 128, "num_warps": 4, "num_stages": 3}}``.  For timing candidate tiles
-    in a whole training step (``bench/triton_gpu_timings.py --tiles``, bench/gpu_session.sh's tune stage); BLOCK_K
-    is not among them, since the forward and the backward must share it."""
+    ``{"forward": {"BLOCK_B": 64, "BLOCK_C": 128, "num_warps": 4, "num_stages": 3}}``; "mode" sets the kernel's
+    loop form (``forward_mode`` / ``dlogits_mode``) with them.  For timing candidate tiles in a whole training step
+    (``bench/triton_gpu_timings.py --tiles``, bench/gpu_session.sh's tune stage); BLOCK_K is not among them, since
+    the forward and the backward must share it."""
     raw = os.environ.get("MVLOSS_TRITON_TILES", "").strip()
     return dict(_parse_tiles(raw).get(kind, {})) if raw else {}
 
@@ -173,19 +178,40 @@ def _parse_tiles(raw: str) -> dict:
         unknown = sorted(set(cfg) - set(TILE_KEYS))
         if unknown:
             raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: {unknown} are not among {TILE_KEYS}")
+        if cfg.get("mode", MODES[kind][0]) not in MODES[kind]:
+            raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: mode {cfg['mode']!r} is not one of {MODES[kind]}")
         if SPLIT_ALIGN % cfg.get("BLOCK_C", 1):
             raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: BLOCK_C must divide {SPLIT_ALIGN} (class splits)")
     return tiles
 
 
+def _tiles_of(kind: str) -> dict:
+    return {k: v for k, v in tile_override(kind).items() if k != "mode"}
+
+
+WS_FORWARD_TILES = dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4)
+
+
 def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
-    """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them."""
-    return {**_forward_table(batch, dim, dtype), **tile_override("forward")}
+    """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them.
+    The ws loop form (fp16/bf16) has its own default, 64 x 128 with 4 warps a consumer group: Triton warp-specialises
+    a sm_90 loop only with 4 warps, and triton 3.8 cannot split a 128-row descriptor tile between its two consumer
+    groups (3.6 can: the sweep tries 128 rows)."""
+    cfg = _forward_table(batch, dim, dtype)
+    if warp_specializing(dtype) and batch > 16:
+        cfg.update(WS_FORWARD_TILES)
+    return {**cfg, **_tiles_of("forward")}
+
+
+def warp_specializing(dtype: torch.dtype) -> bool:
+    """Whether the forward runs warp-specialised: the ws form, on a GPU, with tensor-core operands (fp32's exact
+    products take the CUDA cores, where there is nothing to overlap; it runs the tma form)."""
+    return forward_mode() == "ws" and not interpreting() and dtype != torch.float32
 
 
 def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them."""
-    return {**_dlogits_table(batch, dim, dtype), **tile_override("dlogits")}
+    return {**_dlogits_table(batch, dim, dtype), **_tiles_of("dlogits")}
 
 
 def _forward_table(batch: int, dim: int, dtype: torch.dtype) -> dict:

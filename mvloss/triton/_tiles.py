@@ -46,6 +46,29 @@ def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
 
 
 @triton.jit
+def cos_tile_tma(x_desc, w_desc, r0, c0, D, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``cos_tile`` with x and W tiles moved by TMA copies (host-side descriptors, tma.py): rows r0.. of x, c0.. of W,
+    zero-filled past either matrix; the same K order, so the same sums."""
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        xt = x_desc.load([r0, k0])
+        wt = w_desc.load([c0, k0])
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt.T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def running_start(BLOCK_B: tl.constexpr):
+    """The rows' running (max, sum-exp, sum of z) before any class tile: (-inf, 0, 0)."""
+    return (tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_B,), dtype=tl.float32),
+            tl.zeros((BLOCK_B,), dtype=tl.float32))
+
+
+@triton.jit
 def treat(c, param, TREATMENT: tl.constexpr):
     """h(c) of mvloss.negatives.Treatment (0 NONE, 1 FIXED, 2 ADAPTIVE, 3 CURRICULAR, 4 FILTER)."""
     if TREATMENT == 1:
@@ -171,3 +194,18 @@ def dc_scale(g_lse, g_sum, scale, param, TREATMENT: tl.constexpr):
         hmax = 1.0
     n = (tl.abs(g_lse) + tl.abs(g_sum)) * tl.abs(scale) * hmax
     return tl.where(n > 0, n, 1.0)
+
+
+@triton.jit
+def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
+              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+    """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
+    winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
+    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    valid = negatives_mask(rmask, cmask, cols, lab)
+    run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
+    zm = tl.where(valid, z, float("-inf"))
+    new_m = tl.maximum(run_m, tl.max(zm, axis=1))
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    run_s = run_s * tl.exp(run_m - safe) + tl.sum(exp_ftz(zm - safe[:, None], UPCAST), axis=1)
+    return new_m, run_s, run_z

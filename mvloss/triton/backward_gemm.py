@@ -31,9 +31,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..autograd import normalization_backward
 from ..negatives import treatment_derivative_bound
-from . import _config, norm_backward
-from ._tiles import (column_vectors, cos_tile, dlogit_tile, dot_slice, flat_step, logit_tile, negatives_mask,
-                     row_grads, row_vectors)
+from . import _config, norm_backward, tma
+from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dlogit_tile, dot_slice, flat_step, logit_tile,
+                     negatives_mask, row_grads, row_vectors)
 
 
 @triton.jit
@@ -111,6 +111,30 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
+
+
+@triton.jit
+def neg_dlogits_tma_kernel(x_desc, w_desc, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                           lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr,
+                           B, c0, c1, D, ldg, param,
+                           TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MVLOSS_TRITON_DLOGITS=tma: the default form's program (one class tile) with x and W tiles through TMA
+    descriptors (tma.py): one bulk copy a tile, no address registers; W's rows past c1 are copied and masked."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    param = tl.cast(param, tl.float32)
+    r0 = pid_b * BLOCK_B
+    rows = r0 + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+    acc = cos_tile_tma(x_desc, w_desc, r0, c0 + pid_c * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+    store_dlogits(acc, pid_c, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
+                  bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
+                  TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -194,13 +218,22 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     n_ct = triton.cdiv(chunk, bc)
     ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
-    persistent = _config.dlogits_mode() == "persistent"
+    mode = _config.dlogits_mode()
+    persistent = mode == "persistent"
+    use_tma = mode == "tma" and tma.usable(x, w)
     grid_rows = triton.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
-                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None,
-                PERSISTENT=persistent, **cfg)
-    kernel = _config.launcher(neg_dlogits_kernel)
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None, **cfg)
+    if use_tma:
+        kernel = _config.launcher(neg_dlogits_tma_kernel)
+        operands = tma.descriptors(x, w, bb, bc, cfg["BLOCK_K"])
+        strides = ()
+    else:
+        kernel = _config.launcher(neg_dlogits_kernel)
+        meta["PERSISTENT"] = persistent
+        operands = (x, w)
+        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
     # bf16: the fused dW's chunk leaves the GEMM in bf16 (fp32 accumulation, one rounding) for the one-pass
     # normalisation backward, not in fp32: half the bytes written and read again (2 of 6 GB a step at C = 1M).
     # fp16 keeps fp32 (its range), and so does the PyTorch normalisation backward of rows wider than the kernel's.
@@ -210,10 +243,10 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         n_tiles = triton.cdiv(c1 - c0, bc)
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
         kernel[(grid_rows, class_programs)](
-            x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
+            *operands, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
             lse, g_lse, g_sum, g_cos if g_cos is not None else lse, work, ds_part if need_dscale else work,
             db_part if need_dbias else work, rn if scale_g else w_inv,
-            B, c0, c1, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param), **meta)
+            B, c0, c1, D, chunk, *strides, float(param), **meta)
         g = work[:, : c1 - c0]
         if dxhat is None:
             dxhat = _mm32(g, w[c0:c1])

@@ -10,23 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _config
-from ._tiles import column_vectors, cos_tile, dot_slice, exp_ftz, flat_step, logit_tile, negatives_mask, row_vectors
-
-
-@triton.jit
-def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
-              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-    """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
-    winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-    valid = negatives_mask(rmask, cmask, cols, lab)
-    run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
-    zm = tl.where(valid, z, float("-inf"))
-    new_m = tl.maximum(run_m, tl.max(zm, axis=1))
-    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    run_s = run_s * tl.exp(run_m - safe) + tl.sum(exp_ftz(zm - safe[:, None], UPCAST), axis=1)
-    return new_m, run_s, run_z
+from . import _config, forward_tma, tma
+from ._tiles import cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_start
 
 
 @triton.jit
@@ -44,9 +29,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
 
-    run_m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
-    run_s = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    run_z = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    run_m, run_s, run_z = running_start(BLOCK_B)
     c_start = pid_s * chunk
     c_end = tl.minimum(c_start + chunk, C)
     if FLAT:
@@ -119,10 +102,11 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     part_m = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
+    mode = _config.forward_mode()
     kernel, fixed = _config.kernel_for(neg_lse_kernel, "forward")
+    use_tma = mode in ("tma", "ws") and fixed and tma.usable(x, w)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
-                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype),
-                FLAT=_config.forward_mode() == "flat")
+                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
     if fixed:
         meta.update(cfg)
     else:
@@ -131,9 +115,15 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     def grid(m):
         return (triton.cdiv(B, m["BLOCK_B"]), splits)
 
-    _config.launcher(kernel)[grid](
-        x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-        part_m, part_s, part_z,
-        B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
-        _config.batch_bucket(B), **meta)
+    vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
+    if use_tma:
+        meta["WARP_SPECIALIZE"] = _config.warp_specializing(x.dtype)
+        x_desc, w_desc = tma.descriptors(x, w, cfg["BLOCK_B"], cfg["BLOCK_C"], cfg["BLOCK_K"])
+        _config.launcher(forward_tma.neg_lse_tma_kernel)[grid](
+            x_desc, w_desc, *vectors, B, C, D, chunk, float(param), _config.batch_bucket(B), **meta)
+    else:
+        meta["FLAT"] = mode == "flat"
+        _config.launcher(kernel)[grid](
+            x, w, *vectors, B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
+            _config.batch_bucket(B), **meta)
     return merge(part_m, part_s, part_z)

@@ -1,0 +1,50 @@
+"""The forward kernel with tensor-memory-accelerator loads (MVLOSS_TRITON_FORWARD = tma or ws): a candidate.
+
+Same program, sums and summation order as ``forward_lse.neg_lse_kernel``; x and W tiles come through host-side
+TMA descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``): one bulk copy per tile, zero-filled past
+the matrix, no address arithmetic or masks in the load path.  ``ws`` also asks Triton to warp-specialise the
+class-tile loop (``tl.range(..., warp_specialize=True)``): on Hopper a producer warp group issues the copies and two
+consumer warp groups each own half the row tile's dots and epilogue, so one group's epilogue can run while the
+other's tensor-core work does.  On sm_90 that needs ``num_warps=4`` (4 warps per consumer group; with 8, Triton
+leaves the loop as it is).  Neither form has been timed on a GPU yet: bench/gpu_session.sh's sweep and tune stages
+time them.
+
+The launcher falls back to the pointer kernel where descriptors cannot describe the operands (``tma.usable``: a
+feature stride other than 1, rows or bases not 16-byte aligned), under MVLOSS_AUTOTUNE=1 (its tiles are not known
+when the descriptors are made) and while torch.compile traces (fake tensors).
+"""
+import triton
+import triton.language as tl
+
+from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_start
+
+
+@triton.jit
+def neg_lse_tma_kernel(x_desc, w_desc, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+                       part_m_ptr, part_s_ptr, part_z_ptr,
+                       B, C, D, chunk, param, B_BUCKET,
+                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    param = tl.cast(param, tl.float32)
+    r0 = pid_b * BLOCK_B
+    rows = r0 + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
+
+    run_m, run_s, run_z = running_start(BLOCK_B)
+    c_start = pid_s * chunk
+    c_end = tl.minimum(c_start + chunk, C)
+    for c0 in tl.range(c_start, c_end, BLOCK_C, warp_specialize=WARP_SPECIALIZE):
+        acc = cos_tile_tma(x_desc, w_desc, r0, c0, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end  # the copy of W past c_end (the next split's classes, or zeros) is masked here
+        run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param,
+                                        run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+
+    out = pid_s.to(tl.int64) * B + rows.to(tl.int64)
+    tl.store(part_m_ptr + out, run_m, mask=rmask)
+    tl.store(part_s_ptr + out, run_s, mask=rmask)
+    tl.store(part_z_ptr + out, run_z, mask=rmask)
