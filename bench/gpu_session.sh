@@ -91,7 +91,7 @@ fi
 if has subset; then
   stamp "GPU test subset"
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${SUBSET_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_triton.py \
-    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back" \
+    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back or other_tiles" \
     > "$OUT/tests_subset.log" 2>&1
   tail -n 4 "$OUT/tests_subset.log"
 fi

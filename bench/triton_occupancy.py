@@ -38,6 +38,11 @@ def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
     return out
 
 
+def _partitions(r: dict) -> str:
+    regs = r.get("partition_registers") or []
+    return f" ({' / '.join(str(v) for v in regs)})" if regs else ""
+
+
 NAMES = {"fwd": "forward", "fwd_tma": "forward, tma", "fwd_ws": "forward, ws", "dlogits": "recompute (dlogits)",
          "dlogits_tma": "recompute (dlogits), tma"}
 
@@ -51,21 +56,27 @@ def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> s
              "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program); SASS "
              "instructions: the kernel's static count (nvdisasm), mostly the class-tile loop body. Forms: the "
              "default pointer loads, tma (TMA-descriptor loads) and ws (tma, warp-specialised: the warps column "
-             "gives num_warps and, after the arrow, the warps launched with the producer group).", "",
+             "gives num_warps and, after the arrow, the warps launched with the producer group; its registers are "
+             "the launch count, and the partitions' own, set by setmaxnreg, follow in brackets; its TMA copies: 3 "
+             "where the row tile is split between the two consumer groups, x in two halves, 2 where both groups "
+             "would do all the work).", "",
              "| kernel | BLOCK_B × BLOCK_C | warps | stages | register cap | registers | spill bytes | shared KB | "
-             "programs / SM | SASS instructions |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "programs / SM | SASS instructions | TMA copies |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         c = r["config"] or {}
         name = NAMES[r["kernel"]] + (" — table" if r["table"] else "")
         if "error" in r:
             lines.append(f"| {name} | {c.get('BLOCK_B')} × {c.get('BLOCK_C')} | {c.get('num_warps')} | "
                          f"{c.get('num_stages')} | {c.get('maxnreg', '')} | does not compile: {r['error']} |"
-                         " | | | |")
+                         " | | | | |")
             continue
         warps = f"{c['num_warps']}" + (f" → {r['warps']}" if r.get("warps", c["num_warps"]) != c["num_warps"] else "")
         lines.append(f"| {name} | {c['BLOCK_B']} × {c['BLOCK_C']} | {warps} | {c['num_stages']} | "
-                     f"{c.get('maxnreg', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared'] // 1024} | "
-                     f"{r['programs_per_sm']} | {r['sass_instructions']} |")
+                     f"{c.get('maxnreg', '')} | {r['registers']}{_partitions(r)} | {r['spill_bytes']} | "
+                     f"{r['shared'] // 1024} | "
+                     f"{r['programs_per_sm']} | {r['sass_instructions']} | "
+                     f"{r['tma_copies'] if r['kernel'] == 'fwd_ws' else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,13 +31,14 @@ FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 progr
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
            dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),  # 6% faster at 100k (run 3); spills on 3.8
            dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3)]   # 1, no spill; W read once per 256 rows
-# the warp-specialised form: 4 warps a consumer group (Triton leaves an 8-warp loop as it is); 128 and 256 rows
-# compile under the GPU image's triton 3.6, not 3.8 (its data partitioning cannot split a 128-row descriptor tile)
-FORWARD_WS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3),
-              dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
-              dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),
+# the warp-specialised form (its table row: 128 x 128, 4 warps a consumer group, 3 stages): 4 warps a group (Triton
+# leaves an 8-warp loop as it is) and 128 rows or more (Triton splits them between its two consumer groups; 64 rows it
+# cannot split, and both groups would do all the work)
+FORWARD_WS = [dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
+              dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=2),
+              dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=4),
               dict(BLOCK_B=256, BLOCK_C=64, num_warps=4, num_stages=3),
-              dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=2)]
+              dict(BLOCK_B=256, BLOCK_C=128, num_warps=4, num_stages=2)]  # 12 L2 bytes an element; 32-48 spilled
 FORWARD_BY_MODE = {"tiles": FORWARD, "flat": FORWARD, "tma": FORWARD[:3], "ws": FORWARD_WS}
 DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2

@@ -136,7 +136,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
           "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
     if kernel.startswith("fwd"):
         cfg = _config.forward_config(batch, dim, dtype)
-        if kernel == "fwd_ws" and dtype != torch.float32 and batch > 16:
+        if kernel == "fwd_ws" and dtype != torch.float32 and batch > 64:
             cfg.update(_config.WS_FORWARD_TILES)  # what forward_config gives the ws form
     elif kernel.startswith("dlogits"):
         cfg = _config.dlogits_config(batch, dim, dtype)
@@ -149,7 +149,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("fwd_tma", "fwd_ws"):
-        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and dtype != torch.float32
+        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and dtype != torch.float32 and batch > 64
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
@@ -164,9 +164,6 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     consts.update({k: v for k, v in cfg.items() if k not in _LAUNCH_OPTIONS})
     consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
     sig = _signature(fn, dtype, consts)
-    for name, rows in (("x_desc", cfg["BLOCK_B"]), ("w_desc", cfg["BLOCK_C"])):
-        if name in sig:
-            sig[name] = f"tensordesc<{_DT[dtype]}[{rows}, {cfg['BLOCK_K']}]>"
     src = ASTSource(fn, sig, constexprs=consts, attrs=_attrs(fn, sig, _sizes(batch, dim)))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={k: v for k, v in cfg.items() if k in _LAUNCH_OPTIONS})
@@ -174,6 +171,13 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared,
                 async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)|cp\.async\.bulk\.tensor", ptx)),
                 warp_specialized="setmaxnreg" in ptx,
+                # TMA copies in the kernel: a warp-specialised forward whose row tile is split between its two
+                # consumer groups copies x in two halves (3 with W's); one that is not split copies it once and both
+                # groups then do all the work
+                tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
+                # a warp-specialised kernel's partitions re-size their registers: the producer down, consumers up
+                partition_registers=sorted({int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                                         ptx)}),
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
     info.update(_ptxas_info(ptx, arch))
     # a warp-specialised kernel launches more warps than num_warps (its producer and consumer groups)

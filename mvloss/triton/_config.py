@@ -189,24 +189,25 @@ def _tiles_of(kind: str) -> dict:
     return {k: v for k, v in tile_override(kind).items() if k != "mode"}
 
 
-WS_FORWARD_TILES = dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=4)
+WS_FORWARD_TILES = dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3)
 
 
 def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them.
-    The ws loop form (fp16/bf16) has its own default, 64 x 128 with 4 warps a consumer group: Triton warp-specialises
-    a sm_90 loop only with 4 warps, and triton 3.8 cannot split a 128-row descriptor tile between its two consumer
-    groups (3.6 can: the sweep tries 128 rows)."""
+    The warp-specialised form has its own default, the table's 128 x 128 with 4 warps a consumer group: Triton
+    warp-specialises a sm_90 loop only with 4 warps, and splits the rows between its two groups only from 128
+    rows up."""
     cfg = _forward_table(batch, dim, dtype)
-    if warp_specializing(dtype) and batch > 16:
+    if warp_specializing(dtype, batch):
         cfg.update(WS_FORWARD_TILES)
     return {**cfg, **_tiles_of("forward")}
 
 
-def warp_specializing(dtype: torch.dtype) -> bool:
-    """Whether the forward runs warp-specialised: the ws form, on a GPU, with tensor-core operands (fp32's exact
-    products take the CUDA cores, where there is nothing to overlap; it runs the tma form)."""
-    return forward_mode() == "ws" and not interpreting() and dtype != torch.float32
+def warp_specializing(dtype: torch.dtype, batch: int) -> bool:
+    """Whether the forward runs warp-specialised: the ws form, on a GPU, with tensor-core operands and more than 64
+    rows (fp32's exact products take the CUDA cores, where there is nothing to overlap, and a small batch cannot
+    fill two consumer groups: both run the tma form)."""
+    return forward_mode() == "ws" and not interpreting() and dtype != torch.float32 and batch > 64
 
 
 def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:

@@ -48,8 +48,8 @@ def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
 @triton.jit
 def cos_tile_tma(x_desc, w_desc, r0, c0, D, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``cos_tile`` with x and W tiles moved by TMA copies (host-side descriptors, tma.py): rows r0.. of x, c0.. of W,
-    zero-filled past either matrix; the same K order, so the same sums."""
+    """``cos_tile`` with x and W tiles moved by TMA copies (descriptors made in the kernel, tma.py): rows r0.. of x,
+    c0.. of W, zero-filled past either matrix; the same K order, so the same sums."""
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         xt = x_desc.load([r0, k0])

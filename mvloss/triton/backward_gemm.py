@@ -114,15 +114,18 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
 
 
 @triton.jit
-def neg_dlogits_tma_kernel(x_desc, w_desc, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
                            lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr,
-                           B, c0, c1, D, ldg, param,
+                           B, c0, c1, D, ldg, sxb, swc, param,
                            TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """MVLOSS_TRITON_DLOGITS=tma: the default form's program (one class tile) with x and W tiles through TMA
-    descriptors (tma.py): one bulk copy a tile, no address registers; W's rows past c1 are copied and masked."""
+    descriptors it makes (tma.py): one bulk copy a tile, no address registers; W's rows past c1 are copied and
+    masked."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[c1, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     param = tl.cast(param, tl.float32)
@@ -226,13 +229,12 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None, **cfg)
     if use_tma:
+        tma.ensure_allocator()
         kernel = _config.launcher(neg_dlogits_tma_kernel)
-        operands = tma.descriptors(x, w, bb, bc, cfg["BLOCK_K"])
-        strides = ()
+        strides = (x.stride(0), w.stride(0))
     else:
         kernel = _config.launcher(neg_dlogits_kernel)
         meta["PERSISTENT"] = persistent
-        operands = (x, w)
         strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
     # bf16: the fused dW's chunk leaves the GEMM in bf16 (fp32 accumulation, one rounding) for the one-pass
     # normalisation backward, not in fp32: half the bytes written and read again (2 of 6 GB a step at C = 1M).
@@ -243,7 +245,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         n_tiles = triton.cdiv(c1 - c0, bc)
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
         kernel[(grid_rows, class_programs)](
-            *operands, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
+            x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
             lse, g_lse, g_sum, g_cos if g_cos is not None else lse, work, ds_part if need_dscale else work,
             db_part if need_dbias else work, rn if scale_g else w_inv,
             B, c0, c1, D, chunk, *strides, float(param), **meta)

@@ -117,10 +117,10 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
 
     vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
     if use_tma:
-        meta["WARP_SPECIALIZE"] = _config.warp_specializing(x.dtype)
-        x_desc, w_desc = tma.descriptors(x, w, cfg["BLOCK_B"], cfg["BLOCK_C"], cfg["BLOCK_K"])
+        meta["WARP_SPECIALIZE"] = _config.warp_specializing(x.dtype, B)
+        tma.ensure_allocator()
         _config.launcher(forward_tma.neg_lse_tma_kernel)[grid](
-            x_desc, w_desc, *vectors, B, C, D, chunk, float(param), _config.batch_bucket(B), **meta)
+            x, w, *vectors, B, C, D, chunk, x.stride(0), w.stride(0), float(param), _config.batch_bucket(B), **meta)
     else:
         meta["FLAT"] = mode == "flat"
         _config.launcher(kernel)[grid](

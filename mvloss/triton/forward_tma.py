@@ -1,17 +1,20 @@
 """The forward kernel with tensor-memory-accelerator loads (MVLOSS_TRITON_FORWARD = tma or ws): a candidate.
 
-Same program, sums and summation order as ``forward_lse.neg_lse_kernel``; x and W tiles come through host-side
-TMA descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``): one bulk copy per tile, zero-filled past
-the matrix, no address arithmetic or masks in the load path.  ``ws`` also asks Triton to warp-specialise the
-class-tile loop (``tl.range(..., warp_specialize=True)``): on Hopper a producer warp group issues the copies and two
-consumer warp groups each own half the row tile's dots and epilogue, so one group's epilogue can run while the
-other's tensor-core work does.  On sm_90 that needs ``num_warps=4`` (4 warps per consumer group; with 8, Triton
-leaves the loop as it is).  Neither form has been timed on a GPU yet: bench/gpu_session.sh's sweep and tune stages
-time them.
+Same program, sums and summation order as ``forward_lse.neg_lse_kernel``; x and W tiles come through TMA
+descriptors the program makes itself (``tl.make_tensor_descriptor``, ``tma.py``): one bulk copy per tile,
+zero-filled past the matrix, no address arithmetic or masks in the load path.  ``ws`` also asks Triton to
+warp-specialise the class-tile loop (``tl.range(..., warp_specialize=True)``): on Hopper a producer warp group
+issues the copies and two consumer warp groups each own half the row tile's rows, their dots and their epilogue,
+so one group's epilogue can run while the other's tensor-core work does.  That needs ``num_warps=4`` (4 warps a
+consumer group; with 8 Triton leaves the loop as it is) and a row tile of 128 or more: the compiler splits the
+rows between the groups and re-makes x's descriptor for half the rows, which it can do for an in-kernel
+descriptor only (a host-side one fails to compile under triton 3.8 and is mis-compiled under 3.6, its 128-row box
+copied into 64-row buffers); with 64 rows it cannot split and both groups do all the work.  Neither form has been
+timed on a GPU yet: bench/gpu_session.sh's sweep and tune stages time them.
 
 The launcher falls back to the pointer kernel where descriptors cannot describe the operands (``tma.usable``: a
-feature stride other than 1, rows or bases not 16-byte aligned), under MVLOSS_AUTOTUNE=1 (its tiles are not known
-when the descriptors are made) and while torch.compile traces (fake tensors).
+feature stride other than 1, rows or bases not 16-byte aligned), under MVLOSS_AUTOTUNE=1 and while torch.compile
+traces (fake tensors; the descriptors live in a global scratch buffer Triton's launcher allocates).
 """
 import triton
 import triton.language as tl
@@ -20,15 +23,17 @@ from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_start
 
 
 @triton.jit
-def neg_lse_tma_kernel(x_desc, w_desc, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
+def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
                        part_m_ptr, part_s_ptr, part_z_ptr,
-                       B, C, D, chunk, param, B_BUCKET,
+                       B, C, D, chunk, sxb, swc, param, B_BUCKET,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     param = tl.cast(param, tl.float32)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     r0 = pid_b * BLOCK_B
     rows = r0 + tl.arange(0, BLOCK_B)
     rmask = rows < B

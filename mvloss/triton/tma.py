@@ -1,9 +1,10 @@
-"""Host-side TMA descriptors of the kernels' two matrix operands (the tma / ws loop forms; see forward_tma.py).
+"""What the TMA kernels (the tma / ws loop forms, forward_tma.py and backward_gemm's) need on the host.
 
-A descriptor covers a 2-D tensor with a unit feature stride and a 16-byte aligned base and row stride; one bulk
-copy then moves a whole tile into shared memory, zero-filled past the matrix.  Where an operand does not qualify, or
-while torch.compile traces (fake or functional tensors, which have no address), the launchers take the pointer
-kernels instead.
+The kernels make their descriptors of x and W themselves (``tl.make_tensor_descriptor``): a descriptor covers a
+2-D tensor with a unit feature stride and a 16-byte aligned base and row stride, and one bulk copy then moves a
+whole tile into shared memory, zero-filled past the matrix.  Where an operand does not qualify, or while
+torch.compile traces (fake or functional tensors, which have no address), the launchers take the pointer kernels.
+The descriptors live in a small global scratch buffer that Triton's launcher asks an allocator for.
 """
 import torch
 
@@ -19,9 +20,15 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return real and _describable(x) and _describable(w)
 
 
-def descriptors(x: torch.Tensor, w: torch.Tensor, block_rows: int, block_cols: int, block_k: int):
-    """Descriptors of x (block_rows x block_k tiles) and W (block_cols x block_k tiles)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
-    return (TensorDescriptor.from_tensor(x, [block_rows, block_k]),
-            TensorDescriptor.from_tensor(w, [block_cols, block_k]))
+
+def ensure_allocator() -> None:
+    """Give Triton's launcher an allocator for the descriptors' scratch (PyTorch's caching allocator, so it is
+    stream-ordered and capturable in a CUDA graph), unless the program has set one of its own."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
