@@ -9,7 +9,7 @@ Per shape it times, at the same dtype:
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
   triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
   triton_candidates  the same step with the candidate kernels (CANDIDATES: MVLOSS_TRITON_FORWARD=ws,
-              MVLOSS_TRITON_DLOGITS=tma; before, flat and persistent, timed and dropped), to decide whether they
+              MVLOSS_TRITON_DLOGITS=ws; before, flat and persistent, timed and dropped), to decide whether they
               become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
@@ -35,7 +35,7 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the candidate loop forms timed beside the defaults (mvloss/triton/README.md); flat and persistent were timed on an
 # H100 and dropped (bench/results/nvidia-h100-80gb-hbm3/NOTES.md, runs 5-6)
-CANDIDATES = {"MVLOSS_TRITON_FORWARD": "ws", "MVLOSS_TRITON_DLOGITS": "tma"}
+CANDIDATES = {"MVLOSS_TRITON_FORWARD": "ws", "MVLOSS_TRITON_DLOGITS": "ws"}
 
 
 @contextlib.contextmanager

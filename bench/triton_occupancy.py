@@ -26,7 +26,7 @@ def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
     out = []
     for kernel, configs in (("fwd", FORWARD_BY_MODE["tiles"]), ("fwd_tma", FORWARD_BY_MODE["tma"]),
                             ("fwd_ws", FORWARD_BY_MODE["ws"]), ("dlogits", DLOGITS_BY_MODE["tiles"]),
-                            ("dlogits_tma", DLOGITS_BY_MODE["tma"])):
+                            ("dlogits_tma", DLOGITS_BY_MODE["tma"]), ("dlogits_ws", DLOGITS_BY_MODE["ws"])):
         for cfg in [None] + configs:
             try:
                 r = compile_kernel(kernel, dtype, B, D, config=cfg)
@@ -44,7 +44,7 @@ def _partitions(r: dict) -> str:
 
 
 NAMES = {"fwd": "forward", "fwd_tma": "forward, tma", "fwd_ws": "forward, ws", "dlogits": "recompute (dlogits)",
-         "dlogits_tma": "recompute (dlogits), tma"}
+         "dlogits_tma": "recompute (dlogits), tma", "dlogits_ws": "recompute (dlogits), ws"}
 
 
 def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> str:
@@ -76,7 +76,7 @@ def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> s
                      f"{c.get('maxnreg', '')} | {r['registers']}{_partitions(r)} | {r['spill_bytes']} | "
                      f"{r['shared'] // 1024} | "
                      f"{r['programs_per_sm']} | {r['sass_instructions']} | "
-                     f"{r['tma_copies'] if r['kernel'] == 'fwd_ws' else ''} |")
+                     f"{r['tma_copies'] if r['kernel'].endswith('_ws') else ''} |")
     return "\n".join(lines) + "\n"
 
 

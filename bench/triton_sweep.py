@@ -9,7 +9,7 @@ tiles of nothing else; the backward's recompute kernel (backward_gemm) has its o
 Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
 (CUDA events, median).  The first row of each kernel and loop form is the table's own choice.  The forward and the
 recompute kernel are timed in each of their loop forms (MVLOSS_TRITON_FORWARD = tiles / flat / tma / ws,
-MVLOSS_TRITON_DLOGITS = tiles / persistent / tma: the ``mode`` field; ``--modes`` picks them, "alt" standing for every
+MVLOSS_TRITON_DLOGITS = tiles / persistent / tma / ws: the ``mode`` field; ``--modes`` picks them, "alt" standing for every
 form but tiles), each form with its own candidates.  Every run's outputs are compared with the table's in the
 tiles form (``max_rel_err``); one further off than ``TOLERANCE`` gets an ``error`` and is never the fastest.
 """
@@ -52,7 +52,10 @@ BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
             dict(BLOCK_B=64, BLOCK_C=128, BLOCK_DO=128, num_warps=8, num_stages=2)]
-DLOGITS_BY_MODE = {"tiles": DLOGITS, "persistent": DLOGITS, "tma": [DLOGITS[3], DLOGITS[6]]}
+# the warp-specialised recompute kernel (its table row: 128 x 64, 4 warps a group, 3 stages); 128 x 128 spills 1.4 KB
+DLOGITS_WS = [dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
+              dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=2)]
+DLOGITS_BY_MODE = {"tiles": DLOGITS, "persistent": DLOGITS, "tma": [DLOGITS[3], DLOGITS[6]], "ws": DLOGITS_WS}
 TOLERANCE = 1e-4  # largest relative difference from the table's outputs (same sums, same order: ~0 expected)
 
 

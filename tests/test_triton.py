@@ -194,14 +194,15 @@ def test_triton_targets_on_chunk_edges_and_zero_rows(monkeypatch, dtype):
     assert_matches_reference(x, w, y, "triton", m2=0.5, mv="adaptive", t=0.2, label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("mode", ["persistent", "tma"])
+@pytest.mark.parametrize("mode", ["persistent", "tma", "ws"])
 @pytest.mark.parametrize("b", [B, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dlogits_loop_forms_same_gradients(monkeypatch, dtype, b, mode):
     """MVLOSS_TRITON_DLOGITS = persistent (each program loops over several class tiles: one class program at B = 37
-    under the interpreter, two at B = 16) and tma (TMA-descriptor loads) write the same workspaces: identical
-    gradients, learnable scale and bias (their per-tile partials) included, over several class chunks (tma on a GPU:
-    equal to fp32 rounding, its tiles may sum in another order)."""
+    under the interpreter, two at B = 16), tma (TMA-descriptor loads) and ws (tma, looping over class tiles like
+    persistent; warp-specialised only from 65 rows and without a learnable bias: test_triton_step_with_other_tiles)
+    write the same workspaces: identical gradients, learnable scale and bias (their per-tile partials) included, over
+    several class chunks (tma / ws on a GPU: equal to fp32 rounding, their tiles may sum in another order)."""
     from mvloss.triton import tma
 
     monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(b * 256))
@@ -539,11 +540,11 @@ from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
 cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
          (torch.float32, 64, 40)]
 for dtype, b, d in cases:
-    for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma", "dx",
-                   "dw"):
+    for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma",
+                   "dlogits_ws", "dx", "dw"):
         if kernel not in ("dx", "dw") and (dtype, b, d) != cases[0] and dtype != torch.float32:
             continue
-        if kernel in ("fwd_tma", "fwd_ws", "dlogits_tma") and d % 4:
+        if kernel in ("fwd_tma", "fwd_ws", "dlogits_tma", "dlogits_ws") and d % 4:
             continue  # rows a TMA descriptor cannot describe: the launcher takes the pointer kernel
         r = compile_kernel(kernel, dtype, b, d, arch=90)
         assert r["shared"] <= SHARED_LIMIT, r
@@ -554,7 +555,7 @@ for dtype, b, d in cases:
             assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
             # the ws form's table tile is warp-specialised (a producer group and two consumer groups: 12 warps),
             # its rows split between the groups (x copied in two halves, plus W: 3 TMA copies)
-            ws = kernel == "fwd_ws"
+            ws = kernel in ("fwd_ws", "dlogits_ws")
             assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
             assert not ws or r["tma_copies"] == 3, r
         # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
@@ -699,7 +700,7 @@ def test_triton_sweep_script_smoke(tmp_path):
     assert all(r["max_rel_err"] <= 1e-4 for r in recs)
     forms = {("forward", m) for m in ("tiles", "flat", "tma", "ws")}
     assert {(r["kernel"], r["mode"]) for r in recs} == forms | {("backward_gemm", m) for m in
-                                                                ("tiles", "persistent", "tma")}
+                                                                ("tiles", "persistent", "tma", "ws")}
     best = subprocess.run([sys.executable, script, "--best", str(out)], capture_output=True, text=True, timeout=60)
     assert best.returncode == 0, best.stderr[-3000:]
     tiles = json.loads(best.stdout)
@@ -713,7 +714,8 @@ def test_triton_sweep_script_smoke(tmp_path):
         proc = subprocess.run([sys.executable, script, *args, "--modes", "ws", "--out", str(out)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert {(r["kernel"], r["mode"]) for r in json.loads(out.read_text())} == {("forward", "ws")}
+        assert {(r["kernel"], r["mode"]) for r in json.loads(out.read_text())} == {("forward", "ws"),
+                                                                                ("backward_gemm", "ws")}
 
 
 def test_sweep_best_tiles_skips_errors_and_names_the_loop_form():
@@ -765,7 +767,7 @@ def test_tile_override_parsing(tmp_path, monkeypatch):
     assert _config.forward_mode() == "tma" and _config.dlogits_mode() == "persistent"  # the override's form wins
     assert _config.forward_config(1024, 512, torch.bfloat16) == {**table, "BLOCK_B": 64}  # "mode" is not a tile
     for bad, word in (('{"dx": {}}', "dx"), ('{"forward": {"BLOCK_K": 32}}', "BLOCK_K"),
-                      ('{"forward": {"BLOCK_C": 96}}', "BLOCK_C"), ('{"dlogits": {"mode": "ws"}}', "mode")):
+                      ('{"forward": {"BLOCK_C": 96}}', "BLOCK_C"), ('{"dlogits": {"mode": "flat"}}', "mode")):
         monkeypatch.setenv("MVLOSS_TRITON_TILES", bad)
         with pytest.raises(ValueError, match=word):
             _config.forward_config(1024, 512, torch.bfloat16)
@@ -773,7 +775,8 @@ def test_tile_override_parsing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tiles", [
     {"forward": {"BLOCK_B": 16, "BLOCK_C": 128}, "dlogits": {"BLOCK_B": 64, "BLOCK_C": 32}},
-    {"forward": {"mode": "ws"}, "dlogits": {"BLOCK_C": 64, "mode": "tma"}}], ids=["tiles", "ws_tma"])
+    {"forward": {"mode": "ws"}, "dlogits": {"mode": "ws"}},
+    {"forward": {"BLOCK_B": 64, "mode": "tma"}, "dlogits": {"BLOCK_C": 64, "mode": "tma"}}], ids=["tiles", "ws", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_step_with_other_tiles_matches_reference(monkeypatch, tiles, dtype):
     """The kernels are correct with tiles and loop forms other than the table's (what the tune stage times):

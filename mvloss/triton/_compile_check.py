@@ -110,12 +110,17 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: in
     return max(0, min(by_regs, by_shared))
 
 
+def _ws_applies(dtype: torch.dtype, batch: int) -> bool:
+    """``_config.warp_specializing_ok`` for a GPU (this module compiles for one whatever the environment)."""
+    return dtype != torch.float32 and batch > 64
+
+
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True, config: dict | None = None) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "fwd_tma" / "fwd_ws" -- the TMA
     kernel, MVLOSS_TRITON_FORWARD=tma / ws --, "dlogits" -- the default backward's
-    recompute kernel --, "dlogits_persistent" / "dlogits_tma" -- MVLOSS_TRITON_DLOGITS=persistent / tma --, or the
-    recompute design's
+    recompute kernel --, "dlogits_persistent" / "dlogits_tma" / "dlogits_ws" -- MVLOSS_TRITON_DLOGITS=persistent /
+    tma / ws --, or the recompute design's
     "dx", "dw") with the configuration _config picks for (batch, dim, dtype), or with ``config`` (tile sizes, warps
     and stages; BLOCK_K is always _config's, so the summation order stays the forward's)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -133,13 +138,16 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
 
     fn = {"fwd": neg_lse_kernel, "fwd_flat": neg_lse_kernel, "fwd_tma": neg_lse_tma_kernel,
           "fwd_ws": neg_lse_tma_kernel, "dlogits": neg_dlogits_kernel, "dlogits_tma": neg_dlogits_tma_kernel,
+          "dlogits_ws": neg_dlogits_tma_kernel,
           "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
     if kernel.startswith("fwd"):
         cfg = _config.forward_config(batch, dim, dtype)
-        if kernel == "fwd_ws" and dtype != torch.float32 and batch > 64:
+        if kernel == "fwd_ws" and _ws_applies(dtype, batch):
             cfg.update(_config.WS_FORWARD_TILES)  # what forward_config gives the ws form
     elif kernel.startswith("dlogits"):
         cfg = _config.dlogits_config(batch, dim, dtype)
+        if kernel == "dlogits_ws" and _ws_applies(dtype, batch):
+            cfg.update(_config.WS_DLOGITS_TILES)  # what dlogits_config gives the ws form
     else:
         cfg = _config.backward_config(kernel, batch, dim, dtype)
     if config is not None:
@@ -149,13 +157,18 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("fwd_tma", "fwd_ws"):
-        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and dtype != torch.float32 and batch > 64
+        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and _ws_applies(dtype, batch)
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
         consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16,
                       TARGET=dtype != torch.float16)
-        if kernel != "dlogits_tma":
+        if kernel in ("dlogits_tma", "dlogits_ws"):
+            # ws: without a learnable bias (its per-column partial sums over the split rows cannot be formed)
+            consts["WARP_SPECIALIZE"] = kernel == "dlogits_ws" and _ws_applies(dtype, batch)
+            consts["NEED_DBIAS"] = not consts["WARP_SPECIALIZE"]
+            consts["LOOP"] = kernel == "dlogits_ws"
+        else:
             consts["PERSISTENT"] = kernel == "dlogits_persistent"
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
@@ -220,7 +233,7 @@ def main(argv=None) -> int:
         for b in a.B:
             for d in a.D:
                 for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma",
-                               "dx", "dw"):
+                               "dlogits_ws", "dx", "dw"):
                     r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
                     print(f"{kernel:18} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "

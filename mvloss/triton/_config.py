@@ -38,7 +38,7 @@ def _choice(var: str, choices: tuple, default: str) -> str:
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 BACKWARD_MODES = ("gemm", "recompute")
 FORWARD_MODES = ("tiles", "flat", "tma", "ws")
-DLOGITS_MODES = ("tiles", "persistent", "tma")
+DLOGITS_MODES = ("tiles", "persistent", "tma", "ws")
 
 
 def fp32_precision() -> str:
@@ -68,9 +68,10 @@ def forward_mode() -> str:
 def dlogits_mode() -> str:
     """MVLOSS_TRITON_DLOGITS = tiles (default: the default backward's recompute kernel takes one class tile per
     program), persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
-    the epilogue; timed on an H100: 4% slower at C = 1M, bench/results/nvidia-h100-80gb-hbm3/NOTES.md) or tma (the
-    default form with TMA-descriptor loads, fewer registers: a candidate not yet timed on a GPU).  Same values
-    whichever.  MVLOSS_TRITON_TILES's dlogits "mode", where given, wins."""
+    the epilogue; timed on an H100: 4% slower at C = 1M, bench/results/nvidia-h100-80gb-hbm3/NOTES.md), tma (the
+    default form with TMA-descriptor loads) or ws (tma, each program looping over class tiles, warp-specialised as
+    the forward's ws form).  tma and ws are candidates not yet timed on a GPU.  Same values whichever.
+    MVLOSS_TRITON_TILES's dlogits "mode", where given, wins."""
     return tile_override("dlogits").get("mode") or _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 
 
@@ -203,16 +204,29 @@ def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
     return {**cfg, **_tiles_of("forward")}
 
 
+def warp_specializing_ok(dtype: torch.dtype, batch: int) -> bool:
+    """Whether a ws form may warp-specialise: on a GPU, with tensor-core operands and more than 64 rows (fp32's exact
+    products take the CUDA cores, where there is nothing to overlap, and a small batch cannot fill two consumer
+    groups: both run as the tma form)."""
+    return not interpreting() and dtype != torch.float32 and batch > 64
+
+
 def warp_specializing(dtype: torch.dtype, batch: int) -> bool:
-    """Whether the forward runs warp-specialised: the ws form, on a GPU, with tensor-core operands and more than 64
-    rows (fp32's exact products take the CUDA cores, where there is nothing to overlap, and a small batch cannot
-    fill two consumer groups: both run the tma form)."""
-    return forward_mode() == "ws" and not interpreting() and dtype != torch.float32 and batch > 64
+    """Whether the forward runs warp-specialised (MVLOSS_TRITON_FORWARD=ws, see ``warp_specializing_ok``)."""
+    return forward_mode() == "ws" and warp_specializing_ok(dtype, batch)
+
+
+WS_DLOGITS_TILES = dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
 def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
-    """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them."""
-    return {**_dlogits_table(batch, dim, dtype), **_tiles_of("dlogits")}
+    """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them.
+    The warp-specialised form's default is 128 x 64, 4 warps a consumer group: each group's 64 x 64 half of the
+    epilogue fits its registers (128 x 128 spills 1.4 KB)."""
+    cfg = _dlogits_table(batch, dim, dtype)
+    if dlogits_mode() == "ws" and warp_specializing_ok(dtype, batch):
+        cfg.update(WS_DLOGITS_TILES)
+    return {**cfg, **_tiles_of("dlogits")}
 
 
 def _forward_table(batch: int, dim: int, dtype: torch.dtype) -> dict:

@@ -120,24 +120,37 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                            TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
+                           LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """MVLOSS_TRITON_DLOGITS=tma: the default form's program (one class tile) with x and W tiles through TMA
-    descriptors it makes (tma.py): one bulk copy a tile, no address registers; W's rows past c1 are copied and
-    masked."""
+    """MVLOSS_TRITON_DLOGITS = tma / ws: x and W tiles through TMA descriptors the program makes (tma.py): one bulk
+    copy a tile, no address registers; W's rows past c1 are zero.  tma: one class tile a program.  ws (LOOP):
+    program (i, j) takes class tiles j, j + P, ... of the chunk (P = the grid's class programs), a loop Triton
+    warp-specialises where it can (WARP_SPECIALIZE), as in the forward (forward_tma.py): a producer group and two
+    consumer groups, each half the row tile.  (A loop of one tile costs the tma form ~90 registers: not used there.)"""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[c1, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
     param = tl.cast(param, tl.float32)
     r0 = pid_b * BLOCK_B
     rows = r0 + tl.arange(0, BLOCK_B)
     rmask = rows < B
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
     lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
-    acc = cos_tile_tma(x_desc, w_desc, r0, c0 + pid_c * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-    store_dlogits(acc, pid_c, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
-                  bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                  TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
+    if LOOP:
+        for tile in tl.range(tl.program_id(1), tl.cdiv(c1 - c0, BLOCK_C), tl.num_programs(1),
+                             warp_specialize=WARP_SPECIALIZE):
+            acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST,
+                               PRECISION)
+            store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+                          w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
+                          param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST,
+                          BLOCK_C)
+    else:
+        tile = tl.program_id(1)
+        acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+                      w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -222,8 +235,10 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
     mode = _config.dlogits_mode()
-    persistent = mode == "persistent"
-    use_tma = mode == "tma" and tma.usable(x, w)
+    use_tma = mode in ("tma", "ws") and tma.usable(x, w)
+    # ws: the rows are split between two consumer groups, so a per-column sum over them (dbias) cannot be formed
+    warp_spec = use_tma and mode == "ws" and _config.warp_specializing_ok(x.dtype, B) and not need_dbias
+    persistent = mode == "persistent" or (use_tma and mode == "ws")  # ws: each program loops over class tiles
     grid_rows = triton.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
@@ -231,6 +246,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     if use_tma:
         tma.ensure_allocator()
         kernel = _config.launcher(neg_dlogits_tma_kernel)
+        meta.update(LOOP=persistent, WARP_SPECIALIZE=warp_spec)
         strides = (x.stride(0), w.stride(0))
     else:
         kernel = _config.launcher(neg_dlogits_kernel)
