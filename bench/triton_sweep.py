@@ -9,8 +9,8 @@ tiles of nothing else; the backward's recompute kernel (backward_gemm) has its o
 Each configuration replaces the table's choice for one kernel (forward, dx or dW) and is timed on the bare kernel
 (CUDA events, median).  The first row of each kernel and loop form is the table's own choice.  The forward and the
 recompute kernel are timed in each of their loop forms (MVLOSS_TRITON_FORWARD = tiles / flat / tma / ws,
-MVLOSS_TRITON_DLOGITS = tiles / persistent / tma / ws: the ``mode`` field; ``--modes`` picks them, "alt" standing for every
-form but tiles), each form with its own candidates.  Every run's outputs are compared with the table's in the
+MVLOSS_TRITON_DLOGITS = tiles / persistent / tma / ws: the ``mode`` field; ``--modes`` picks them, "alt" standing
+for every form but tiles), each form with its own candidates.  Every run's outputs are compared with the table's in the
 tiles form (``max_rel_err``); one further off than ``TOLERANCE`` gets an ``error`` and is never the fastest.
 """
 from __future__ import annotations
