@@ -521,14 +521,18 @@ print("ok")
 """
 
 
-def test_triton_ops_fake_and_symbolic_tracing():
-    """The ops' fake implementations (the triton_op bodies) trace with fake and symbolic shapes.  Runs in a fresh
+@pytest.mark.parametrize("forms", ["default", "ws"])
+def test_triton_ops_fake_and_symbolic_tracing(forms):
+    """The ops' fake implementations (the triton_op bodies) trace with fake and symbolic shapes, in the default
+    forms and with the warp-specialised ones asked for (fake tensors take the pointer kernels).  Runs in a fresh
     interpreter without TRITON_INTERPRET: under the interpreter Triton kernels are not traceable (known)."""
     import subprocess
     import sys
 
     env = env_without_interpreter()
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
+    if forms == "ws":
+        env.update(MVLOSS_TRITON_FORWARD="ws", MVLOSS_TRITON_DLOGITS="ws")
     proc = subprocess.run([sys.executable, "-c", _FAKE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
@@ -1002,13 +1006,18 @@ def test_triton_training_step_captures_in_a_cuda_graph():
 
 @gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("workspace", [None, 64 * 1024])
-def test_triton_compile_fullgraph_training_step(workspace, monkeypatch):
-    """Compiled against eager, with one class chunk and with five (the per-chunk writes into dW under Inductor)."""
+@pytest.mark.parametrize("workspace,forms", [(None, "default"), (64 * 1024, "default"), (None, "ws")])
+def test_triton_compile_fullgraph_training_step(workspace, forms, monkeypatch):
+    """Compiled against eager, with one class chunk and with five (the per-chunk writes into dW under Inductor), and
+    with the warp-specialised forms asked for (eager runs them; the compiled graph takes the pointer kernels)."""
     if workspace:
         monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(workspace))
+    if forms == "ws":
+        monkeypatch.setenv("MVLOSS_TRITON_FORWARD", "ws")
+        monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", "ws")
     torch._dynamo.reset()  # the chunking is read while tracing: no graph cached from the other case
-    x, w, y = make_inputs(64, 5000, 128, torch.bfloat16, ignore=(2,), device="cuda")
+    b = 130 if forms == "ws" else 64  # ws splits its rows between two consumer groups from 65 rows up
+    x, w, y = make_inputs(b, 5000, 128, torch.bfloat16, ignore=(2,), device="cuda")
 
     def loss_fn(x, w, y):
         return F.arcface_loss(x, w, y, backend="triton", mv="adaptive", t=0.2, label_smoothing=0.1)
