@@ -110,11 +110,6 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: in
     return max(0, min(by_regs, by_shared))
 
 
-def _ws_applies(dtype: torch.dtype, batch: int) -> bool:
-    """``_config.warp_specializing_ok`` for a GPU (this module compiles for one whatever the environment)."""
-    return dtype != torch.float32 and batch > 64
-
-
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True, config: dict | None = None) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "fwd_tma" / "fwd_ws" -- the TMA
@@ -142,11 +137,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
           "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
     if kernel.startswith("fwd"):
         cfg = _config.forward_config(batch, dim, dtype)
-        if kernel == "fwd_ws" and _ws_applies(dtype, batch):
+        if kernel == "fwd_ws" and _config.warp_specializing_ok(dtype, batch):
             cfg.update(_config.WS_FORWARD_TILES)  # what forward_config gives the ws form
     elif kernel.startswith("dlogits"):
         cfg = _config.dlogits_config(batch, dim, dtype)
-        if kernel == "dlogits_ws" and _ws_applies(dtype, batch):
+        if kernel == "dlogits_ws" and _config.warp_specializing_ok(dtype, batch):
             cfg.update(_config.WS_DLOGITS_TILES)  # what dlogits_config gives the ws form
     else:
         cfg = _config.backward_config(kernel, batch, dim, dtype)
@@ -157,7 +152,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("fwd_tma", "fwd_ws"):
-        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and _ws_applies(dtype, batch)
+        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and _config.warp_specializing_ok(dtype, batch)
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
@@ -165,7 +160,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                       TARGET=dtype != torch.float16)
         if kernel in ("dlogits_tma", "dlogits_ws"):
             # ws: without a learnable bias (its per-column partial sums over the split rows cannot be formed)
-            consts["WARP_SPECIALIZE"] = kernel == "dlogits_ws" and _ws_applies(dtype, batch)
+            consts["WARP_SPECIALIZE"] = kernel == "dlogits_ws" and _config.warp_specializing_ok(dtype, batch)
             consts["NEED_DBIAS"] = not consts["WARP_SPECIALIZE"]
             consts["LOOP"] = kernel == "dlogits_ws"
         else:
