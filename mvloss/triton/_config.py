@@ -193,13 +193,13 @@ def _tiles_of(kind: str) -> dict:
 WS_FORWARD_TILES = dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3)
 
 
-def forward_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+def forward_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True) -> dict:
     """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them.
     The warp-specialised form has its own default, the table's 128 x 128 with 4 warps a consumer group: Triton
     warp-specialises a sm_90 loop only with 4 warps, and splits the rows between its two groups only from 128
-    rows up."""
+    rows up.  ``tma_runs``: False where the launcher falls back to the pointer kernel (the table's tiles then)."""
     cfg = _forward_table(batch, dim, dtype)
-    if warp_specializing(dtype, batch):
+    if tma_runs and warp_specializing(dtype, batch):
         cfg.update(WS_FORWARD_TILES)
     return {**cfg, **_tiles_of("forward")}
 
@@ -219,12 +219,12 @@ def warp_specializing(dtype: torch.dtype, batch: int) -> bool:
 WS_DLOGITS_TILES = dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
-def dlogits_config(batch: int, dim: int, dtype: torch.dtype) -> dict:
+def dlogits_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True) -> dict:
     """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them.
     The warp-specialised form's default is 128 x 64, 4 warps a consumer group: each group's 64 x 64 half of the
-    epilogue fits its registers (128 x 128 spills 1.4 KB)."""
+    epilogue fits its registers (128 x 128 spills 1.4 KB).  ``tma_runs`` as in ``forward_config``."""
     cfg = _dlogits_table(batch, dim, dtype)
-    if dlogits_mode() == "ws" and warp_specializing_ok(dtype, batch):
+    if tma_runs and dlogits_mode() == "ws" and warp_specializing_ok(dtype, batch):
         cfg.update(WS_DLOGITS_TILES)
     return {**cfg, **_tiles_of("dlogits")}
 

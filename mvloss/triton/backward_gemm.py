@@ -209,7 +209,9 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     B, D = x.shape
     C = w.shape[0]
     dev = x.device
-    cfg = _config.dlogits_config(B, D, x.dtype)
+    mode = _config.dlogits_mode()
+    use_tma = mode in ("tma", "ws") and tma.usable(x, w)
+    cfg = _config.dlogits_config(B, D, x.dtype, use_tma)
     bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
     chunk = _chunk(B, C, bc)
     gdt = x.dtype
@@ -234,8 +236,6 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     n_ct = triton.cdiv(chunk, bc)
     ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
-    mode = _config.dlogits_mode()
-    use_tma = mode in ("tma", "ws") and tma.usable(x, w)
     # ws: the rows are split between two consumer groups, so a per-column sum over them (dbias) cannot be formed
     warp_spec = use_tma and mode == "ws" and _config.warp_specializing_ok(x.dtype, B) and not need_dbias
     persistent = mode == "persistent" or (use_tma and mode == "ws")  # ws: each program loops over class tiles

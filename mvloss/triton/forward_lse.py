@@ -97,14 +97,14 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     """Run the forward kernel; returns (lse, zsum) fp32 (B,).  Callers pass contiguous fp32 per-row vectors."""
     B, D = x.shape
     C = w.shape[0]
-    cfg = _config.forward_config(B, D, x.dtype)
+    mode = _config.forward_mode()
+    kernel, fixed = _config.kernel_for(neg_lse_kernel, "forward")
+    use_tma = mode in ("tma", "ws") and fixed and tma.usable(x, w)
+    cfg = _config.forward_config(B, D, x.dtype, use_tma)
     splits, chunk = _config.class_split(B, cfg["BLOCK_B"], C, x.device)
     part_m = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
-    mode = _config.forward_mode()
-    kernel, fixed = _config.kernel_for(neg_lse_kernel, "forward")
-    use_tma = mode in ("tma", "ws") and fixed and tma.usable(x, w)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
     if fixed:
