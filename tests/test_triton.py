@@ -562,6 +562,7 @@ for dtype, b, d in cases:
             ws = kernel in ("fwd_ws", "dlogits_ws")
             assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
             assert not ws or r["tma_copies"] == 3, r
+        assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
         # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
         # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
         # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
@@ -575,6 +576,24 @@ for dtype in (torch.bfloat16, torch.float32):
         assert r["spill_bytes"] == 0 and r["registers"] <= 160, r
 print("ok")
 """
+
+
+def test_tma_boxes_match_catches_a_box_larger_than_its_buffer():
+    """The compile check's TMA consistency test on IR lines as Triton 3.6 and 3.8 print them: a copy whose
+    descriptor block is its buffer's shape passes; the 3.6 warp-specialisation miscompile (a 128-row box into a
+    64-row buffer) and an in-kernel descriptor whose box no copy matches fail."""
+    from mvloss.triton._compile_check import tma_boxes_match
+
+    def copy(desc, dst, printed_36=True):
+        ty = f"tensor<{desc}xbf16, #shared>" if printed_36 else f"{desc}xbf16, #shared1"
+        return (f"ttng.async_tma_copy_global_to_local %x_desc[%r0, %k] %60, %59, %true : !tt.tensordesc<{ty}>, "
+                f"!ttg.memdesc<1xi64, #shared1, #smem, mutable> -> !ttg.memdesc<{dst}xbf16, #shared, #smem>\n")
+
+    make = "ttng.tensormap_create %xd_0, %x_ptr, [%c64_i32, %c64_i32], [%D, %B], [%s], [%c1_i32, %c1_i32]\n"
+    assert tma_boxes_match(copy("64x64", "64x64") + copy("128x64", "128x64", False) + make, 2)
+    assert not tma_boxes_match(copy("128x64", "64x64"), 2)
+    assert not tma_boxes_match(copy("128x64", "128x64", False) + make, 2)
+    assert tma_boxes_match("no copies here", 2)
 
 
 def _skip_without_ptxas():

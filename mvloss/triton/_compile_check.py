@@ -79,6 +79,21 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", out.stdout, flags=re.M))
 
 
+def tma_boxes_match(ttgir: str, element_size: int) -> bool:
+    """Whether every TMA copy moves exactly what its shared-memory buffer holds: each copy's descriptor block is its
+    destination's shape, and the boxes of the descriptors the kernel makes (``tensormap_create``) are among those
+    sizes.  (Triton 3.6 warp-specialising a kernel with host-side descriptors copied 128-row boxes into 64-row
+    buffers.)  True where there is no copy."""
+    copies = re.findall(r"async_tma_copy_global_to_local [^\n]*tensordesc<(?:tensor<)?(\d+)x(\d+)x[^\n]*"
+                        r"-> !ttg\.memdesc<(\d+)x(\d+)x", ttgir)
+    if any((a, b) != (c, d) for a, b, c, d in copies):
+        return False
+    dst = {int(c) * int(d) * element_size for _, _, c, d in copies}
+    boxes = {int(k) * int(r) * element_size
+             for k, r in re.findall(r"tensormap_create %\w+, %\w+, \[%c(\d+)_i32, %c(\d+)_i32\]", ttgir)}
+    return boxes <= dst
+
+
 def _ptxas_info(ptx: str, arch: int) -> dict:
     import triton
 
@@ -183,6 +198,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                 # consumer groups copies x in two halves (3 with W's); one that is not split copies it once and both
                 # groups then do all the work
                 tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
+                tma_boxes_match=tma_boxes_match(compiled.asm["ttgir"], torch.empty(0, dtype=dtype).element_size()),
                 # a warp-specialised kernel's partitions re-size their registers: the producer down, consumers up
                 partition_registers=sorted({int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                          ptx)}),
