@@ -150,14 +150,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
           "fwd_ws": neg_lse_tma_kernel, "dlogits": neg_dlogits_kernel, "dlogits_tma": neg_dlogits_tma_kernel,
           "dlogits_ws": neg_dlogits_tma_kernel,
           "dlogits_persistent": neg_dlogits_kernel, "dx": neg_dx_kernel, "dw": neg_dw_kernel}[kernel]
+    form = kernel.partition("_")[2] or "tiles"  # "fwd_ws" -> "ws"
     if kernel.startswith("fwd"):
-        cfg = _config.forward_config(batch, dim, dtype)
-        if kernel == "fwd_ws" and _config.warp_specializing_ok(dtype, batch):
-            cfg.update(_config.WS_FORWARD_TILES)  # what forward_config gives the ws form
+        cfg = _config.forward_config(batch, dim, dtype, mode=form)
     elif kernel.startswith("dlogits"):
-        cfg = _config.dlogits_config(batch, dim, dtype)
-        if kernel == "dlogits_ws" and _config.warp_specializing_ok(dtype, batch):
-            cfg.update(_config.WS_DLOGITS_TILES)  # what dlogits_config gives the ws form
+        cfg = _config.dlogits_config(batch, dim, dtype, mode=form)
     else:
         cfg = _config.backward_config(kernel, batch, dim, dtype)
     if config is not None:
@@ -167,7 +164,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("fwd_tma", "fwd_ws"):
-        consts["WARP_SPECIALIZE"] = kernel == "fwd_ws" and _config.warp_specializing_ok(dtype, batch)
+        consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
@@ -175,9 +172,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                       TARGET=dtype != torch.float16)
         if kernel in ("dlogits_tma", "dlogits_ws"):
             # ws: without a learnable bias (its per-column partial sums over the split rows cannot be formed)
-            consts["WARP_SPECIALIZE"] = kernel == "dlogits_ws" and _config.warp_specializing_ok(dtype, batch)
+            consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
             consts["NEED_DBIAS"] = not consts["WARP_SPECIALIZE"]
-            consts["LOOP"] = kernel == "dlogits_ws"
+            consts["LOOP"] = form == "ws"
         else:
             consts["PERSISTENT"] = kernel == "dlogits_persistent"
     if kernel == "dx":
@@ -198,7 +195,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                 # consumer groups copies x in two halves (3 with W's); one that is not split copies it once and both
                 # groups then do all the work
                 tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
-                tma_boxes_match=tma_boxes_match(compiled.asm["ttgir"], torch.empty(0, dtype=dtype).element_size()),
+                tma_boxes_match=tma_boxes_match(compiled.asm["ttgir"], dtype.itemsize),
                 # a warp-specialised kernel's partitions re-size their registers: the producer down, consumers up
                 partition_registers=sorted({int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                          ptx)}),

@@ -193,13 +193,14 @@ def _tiles_of(kind: str) -> dict:
 WS_FORWARD_TILES = dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=3)
 
 
-def forward_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True) -> dict:
+def forward_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True, mode: str | None = None) -> dict:
     """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them.
     The warp-specialised form has its own default, the table's 128 x 128 with 4 warps a consumer group: Triton
     warp-specialises a sm_90 loop only with 4 warps, and splits the rows between its two groups only from 128
-    rows up.  ``tma_runs``: False where the launcher falls back to the pointer kernel (the table's tiles then)."""
+    rows up.  ``tma_runs``: False where the launcher falls back to the pointer kernel (the table's tiles then);
+    ``mode``: the loop form, ``forward_mode()`` unless given."""
     cfg = _forward_table(batch, dim, dtype)
-    if tma_runs and warp_specializing(dtype, batch):
+    if tma_runs and (mode or forward_mode()) == "ws" and warp_specializing_ok(dtype, batch):
         cfg.update(WS_FORWARD_TILES)
     return {**cfg, **_tiles_of("forward")}
 
@@ -211,20 +212,16 @@ def warp_specializing_ok(dtype: torch.dtype, batch: int) -> bool:
     return not interpreting() and dtype != torch.float32 and batch > 64
 
 
-def warp_specializing(dtype: torch.dtype, batch: int) -> bool:
-    """Whether the forward runs warp-specialised (MVLOSS_TRITON_FORWARD=ws, see ``warp_specializing_ok``)."""
-    return forward_mode() == "ws" and warp_specializing_ok(dtype, batch)
-
-
 WS_DLOGITS_TILES = dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3)
 
 
-def dlogits_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True) -> dict:
+def dlogits_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = True, mode: str | None = None) -> dict:
     """The recompute kernel's tiles: the table's (``_dlogits_table``), or MVLOSS_TRITON_TILES's where it sets them.
     The warp-specialised form's default is 128 x 64, 4 warps a consumer group: each group's 64 x 64 half of the
-    epilogue fits its registers (128 x 128 spills 1.4 KB).  ``tma_runs`` as in ``forward_config``."""
+    epilogue fits its registers (128 x 128 spills 1.4 KB).  ``tma_runs``, ``mode`` as in ``forward_config``
+    (``mode``: ``dlogits_mode()`` unless given)."""
     cfg = _dlogits_table(batch, dim, dtype)
-    if tma_runs and dlogits_mode() == "ws" and warp_specializing_ok(dtype, batch):
+    if tma_runs and (mode or dlogits_mode()) == "ws" and warp_specializing_ok(dtype, batch):
         cfg.update(WS_DLOGITS_TILES)
     return {**cfg, **_tiles_of("dlogits")}
 

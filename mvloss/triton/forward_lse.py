@@ -117,7 +117,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
 
     vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
     if use_tma:
-        meta["WARP_SPECIALIZE"] = _config.warp_specializing(x.dtype, B)
+        meta["WARP_SPECIALIZE"] = mode == "ws" and _config.warp_specializing_ok(x.dtype, B)
         tma.ensure_allocator()
         _config.launcher(forward_tma.neg_lse_tma_kernel)[grid](
             x, w, *vectors, B, C, D, chunk, x.stride(0), w.stride(0), float(param), _config.batch_bucket(B), **meta)
