@@ -85,7 +85,7 @@ def worker(args) -> dict:
     return {"backend": args.backend, "loss": loss, "first_step_s": first, "median_s": statistics.median(times),
             "min_s": min(times), "times_s": times, "extra_peak_rss_mb": extra_mb,
             "negatives_pass_extra_peak_rss_mb": op_extra_mb,
-            "grad_w_mb": args.classes * args.dim * 4 / 2**20, "threads": torch.get_num_threads(),
+            "grad_w_mb": grad_w_mb(args), "threads": torch.get_num_threads(),
             "available": {b["name"]: b["available"] for b in mvloss.backends()}}
 
 
@@ -98,6 +98,11 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or "unknown"
+
+
+def grad_w_mb(args) -> float:
+    """W's gradient, in W's dtype: an output every backend must allocate."""
+    return args.classes * args.dim * (4 if args.dtype == "float32" else 2) / 2**20
 
 
 def main() -> None:
@@ -142,7 +147,7 @@ def main() -> None:
                 grads = results["cpu"]["grad_w_mb"] * (1 + args.batch / args.classes)
                 summary[f"memory_ratio_vs_{other}_beyond_grads"] = (
                     (results[other]["extra_peak_rss_mb"] - grads) / max(results["cpu"]["extra_peak_rss_mb"] - grads,
-                                                                        1e-9))
+                                                                        1.0))  # RSS is not exact below ~1 MB
     command = "python bench/bench_cpu.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(), "shape": {"B": args.batch, "D": args.dim, "C": args.classes},
@@ -167,8 +172,8 @@ def main() -> None:
         else:
             lines.append(f"| {backend} | failed | |")
     lines.append("")
-    lines.append(f"Load average while running: {meta['loadavg']}; fp32 dW alone is "
-                 f"{args.classes * args.dim * 4 / 2**20:.1f} MB (an output every backend must allocate).")
+    lines.append(f"Load average while running: {meta['loadavg']}; dW alone ({args.dtype}) is "
+                 f"{grad_w_mb(args):.1f} MB (an output every backend must allocate).")
     lines.append("")
     for k, v in summary.items():
         lines.append(f"- {k}: {v:.2f}x")

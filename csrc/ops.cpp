@@ -1,6 +1,6 @@
 // Op schemas of the mvloss C++ backends and the Python module mvloss._C.
 //
-// mvloss::neg_forward / neg_backward implement the negatives contract of mvloss/negatives.py; kernels are
+// mvloss::neg_forward / neg_backward (/ neg_backward_w) implement the negatives contract of mvloss/negatives.py; kernels are
 // registered per dispatch key in csrc/cpu (CPU) and csrc/cuda (CUDA); fake (meta) kernels come from
 // mvloss/backends/cpp.py.  `chunk` is the number of classes per chunk (0: from the workspace size).
 #include <torch/library.h>
@@ -19,6 +19,13 @@ TORCH_LIBRARY(mvloss, m) {
       "neg_backward(Tensor x, Tensor w, Tensor x_inv, Tensor w_inv, Tensor labels, Tensor thr, Tensor scale, "
       "Tensor? bias, Tensor lse, Tensor g_lse, Tensor g_sum, int treatment, float param, bool clamp, "
       "bool need_dscale, bool need_dbias, int chunk=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the training step's backward: W's gradient in W's dtype, through the normalisation backward per class chunk,
+  // the target column's gradient g_cos included in dxhat and in it
+  m.def(
+      "neg_backward_w(Tensor x, Tensor w, Tensor x_inv, Tensor w_inv, Tensor labels, Tensor thr, Tensor scale, "
+      "Tensor? bias, Tensor lse, Tensor g_lse, Tensor g_sum, Tensor g_cos, int treatment, float param, bool clamp, "
+      "bool need_dscale, bool need_dbias, bool normalize_w, float eps, int chunk=0) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 #ifndef MVLOSS_NO_PYTHON_MODULE

@@ -39,7 +39,7 @@ def test_cpu_backend_available_and_cuda_reason():
 def test_ops_registered_per_dispatch_key():
     from mvloss.backends import cpp
 
-    for op in ("mvloss::neg_forward", "mvloss::neg_backward"):
+    for op in ("mvloss::neg_forward", "mvloss::neg_backward", "mvloss::neg_backward_w"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") == cpp.built_with_cuda()
 
@@ -199,6 +199,74 @@ def test_cpu_equals_chunked_backend_directly():
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def _fused_w_case(device, dtype=torch.float64, w_dtype=None, seed=1):
+    """Inputs of a training step's backward (the contract's, plus g_cos and the target rows): rows with label -1,
+    a zero weight row (below eps: no projection), a row that sees no negative mask (thr = +inf)."""
+    x, w, y = inputs({}, dtype, device=device, seed=seed)
+    w = w.clone()
+    w[5] = 0.0
+    y = torch.where(y < 0, torch.full_like(y, -1), y)
+    y[1] = 5  # a target row whose class has a zero weight
+    w = w.to(w_dtype or dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x_inv, w_inv = inverse_norms(x, 1e-12).to(acc), inverse_norms(w, 1e-12).to(acc)
+    g = torch.Generator().manual_seed(seed)
+    thr = (torch.rand(B, generator=g, dtype=torch.float64) - 0.2).to(device, acc)
+    thr[0] = float("inf")
+    scale = torch.full((B,), 16.0, dtype=acc, device=device)
+    bias = torch.linspace(-0.5, 0.5, C, dtype=acc, device=device)
+    g_lse = torch.rand(B, generator=g, dtype=torch.float64).to(device, acc)
+    g_sum = (torch.rand(B, generator=g, dtype=torch.float64) / C).to(device, acc)
+    g_cos = (torch.randn(B, generator=g, dtype=torch.float64)).to(device, acc) * (y >= 0)
+    xhat = x.to(acc) * x_inv[:, None]
+    what_y = w[y.clamp_min(0)].to(acc) * w_inv[y.clamp_min(0), None]
+    return x, w, x_inv, w_inv, y, thr, scale, bias, g_lse, g_sum, g_cos, xhat, what_y
+
+
+@pytest.mark.parametrize("normalize_w", [True, False])
+def test_cpu_fused_weight_grad_equals_python_chunks(normalize_w, device="cpu"):
+    """neg_backward_w (target column in the chunk GEMMs, normalisation backward per chunk in C++) against the same
+    gradients assembled in Python from the plain backward (autograd.backward_w_by_chunks over chunked.backward), fp64:
+    every treatment, clamp, bias and dscale, several class chunks."""
+    from mvloss.autograd import backward_w_by_chunks
+    from mvloss.backends import chunked, cpp
+
+    x, w, x_inv, w_inv, y, thr, scale, bias, g_lse, g_sum, g_cos, xhat, what_y = _fused_w_case(device)
+    if not normalize_w:
+        w_inv = torch.ones_like(w_inv)
+        what_y = w[y.clamp_min(0)].double()
+    for treatment, param in [(Treatment.NONE, 0.0), (Treatment.ADAPTIVE, 0.2), (Treatment.CURRICULAR, 0.3),
+                             (Treatment.FILTER, 0.0)]:
+        for clamp in (False, True):
+            lse, _ = chunked.forward(x, w, x_inv, w_inv, y, thr, scale, bias, int(treatment), param, clamp,
+                                     chunk_size=100)
+            args = (x, w, x_inv, w_inv, y, thr, scale, bias, lse, g_lse, g_sum, g_cos, int(treatment), param, clamp,
+                    True, True, normalize_w, 1e-12)
+            want = backward_w_by_chunks(chunked.backward, xhat, what_y, *args, chunk_size=100)
+            got = cpp.backward_fused_w(*args, chunk_size=100)
+            for name, a, b in zip(("dxhat", "dW", "dscale", "dbias"), got, want):
+                assert a.dtype == b.dtype, name
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+            default_chunks = cpp.backward_fused_w(*args)  # chunk from the workspace size
+            torch.testing.assert_close(default_chunks[1], want[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_fused_weight_grad_in_weight_dtype(w_dtype):
+    """Half weights: the gradient comes back in W's dtype, equal to the fp32 one rounded once."""
+    from mvloss.backends import cpp
+
+    x, w, x_inv, w_inv, y, thr, scale, bias, g_lse, g_sum, g_cos, _, _ = _fused_w_case("cpu", w_dtype, w_dtype)
+    lse = torch.zeros(B) + 9.0
+    args = (x, w, x_inv, w_inv, y, thr, scale, bias, lse, g_lse, g_sum, g_cos, int(Treatment.ADAPTIVE), 0.2, False,
+            False, False, True, 1e-12)
+    dxhat, dw, _, _ = cpp.backward_fused_w(*args, chunk_size=100)
+    ref = cpp.backward_fused_w(x.float(), w.float(), *args[2:], chunk_size=100)
+    assert dw.dtype == w_dtype and dw.shape == w.shape
+    torch.testing.assert_close(dw, ref[1].to(w_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(dxhat, ref[0], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ opcheck and torch.compile
 
 def _op_args(device="cpu", dtype=torch.float32, bias=True):
@@ -221,6 +289,9 @@ def test_opcheck_cpu(bias, dtype):
     g = torch.rand(9)
     torch.library.opcheck(torch.ops.mvloss.neg_backward.default,
                           args + (lse, g, g / 31, int(Treatment.CURRICULAR), 0.3, True, True, bias, 8))
+    torch.library.opcheck(torch.ops.mvloss.neg_backward_w.default,
+                          args + (lse, g, g / 31, g * (args[4] >= 0), int(Treatment.CURRICULAR), 0.3, True, True, bias,
+                                  True, 1e-12, 8))
 
 
 @pytest.mark.slow
@@ -274,6 +345,17 @@ def test_cuda_reductions_and_bias(reduction):
 def test_opcheck_cuda():
     args = _op_args(device="cuda")
     torch.library.opcheck(torch.ops.mvloss.neg_forward.default, args + (int(Treatment.ADAPTIVE), 0.2, False, 8))
+    lse, _ = torch.ops.mvloss.neg_forward(*args, int(Treatment.ADAPTIVE), 0.2, False, 8)
+    g = torch.rand(9, device="cuda")
+    torch.library.opcheck(torch.ops.mvloss.neg_backward_w.default,
+                          args + (lse, g, g / 31, g * (args[4] >= 0), int(Treatment.CURRICULAR), 0.3, True, True, True,
+                                  True, 1e-12, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize_w", [True, False])
+def test_cuda_fused_weight_grad_equals_python_chunks(normalize_w):
+    test_cpu_fused_weight_grad_equals_python_chunks(normalize_w, device="cuda")
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 // driver.h) + a fused C++ epilogue (mask, treatment h, scale, bias, online log-sum-exp / dc; rows_impl.h, built for
 // baseline x86-64, AVX2 and AVX-512 and chosen at run time) parallelised over rows with at::parallel_for.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -73,8 +74,8 @@ void backward_chunk_t(const ChunkArgs& a, const BackwardRowArgs& r, at::Tensor& 
                       at::Tensor& ds, void (*fn)(const BwdChunk<T>&, int64_t, int64_t)) {
   BwdChunk<T> c{a.raw.data_ptr<T>(), dcw.data_ptr<T>(), ptr_or_null<T>(dz), ptr_or_null<T>(ds), a.w_inv.data_ptr<T>(),
                 ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(), a.thr.data_ptr<T>(), a.scale.data_ptr<T>(),
-                r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), static_cast<T>(a.param), a.n, a.c0,
-                a.treatment, a.clamp};
+                r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), ptr_or_null<T>(r.g_cos),
+                static_cast<T>(a.param), a.n, a.c0, a.treatment, a.clamp};
   at::parallel_for(0, a.raw.size(0), row_grain(a.n), [&](int64_t r0, int64_t r1) { fn(c, r0, r1); });
 }
 
@@ -117,11 +118,43 @@ void backward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const C
                            at::Tensor& dxhat, void (*fn)(const BwdChunk<T>&, int64_t, int64_t)) {
   BwdChunk<T> c{a.raw.data_ptr<T>(), dcw.data_ptr<T>(), ptr_or_null<T>(dz), ptr_or_null<T>(ds), a.w_inv.data_ptr<T>(),
                 ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(), a.thr.data_ptr<T>(), a.scale.data_ptr<T>(),
-                r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), static_cast<T>(a.param), a.n, a.c0,
-                a.treatment, a.clamp};
+                r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), ptr_or_null<T>(r.g_cos),
+                static_cast<T>(a.param), a.n, a.c0, a.treatment, a.clamp};
   for_each_row_block(xhat, wc, a, [&](int64_t b0, int64_t b1) {
     fn(c, b0, b1);
     dxhat.narrow(0, b0, b1 - b0).addmm_(dcw.narrow(0, b0, b1 - b0), wc);
+  });
+}
+
+// A class chunk's weight rows through the normalisation backward (epilogue.h): v = w_inv * dwhat (n x D, acc),
+// w (n x D, W's dtype), out like w (or v itself, when W is in the acc dtype); one pass, rows in parallel.
+template <typename T, typename W>
+void finish_rows(const T* v, const W* w, const T* w_inv, W* out, int64_t n, int64_t D, T eps, bool normalize) {
+  at::parallel_for(0, n, row_grain(D), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* vk = v + k * D;
+      const W* wk = w + k * D;
+      W* ok = out + k * D;
+      const T inv = w_inv[k];
+      const bool project = norm_backward_projects<T>(inv, eps, normalize);
+      T dot = T(0);
+      if (project) {
+        for (int64_t j = 0; j < D; ++j) dot += vk[j] * (static_cast<T>(wk[j]) * inv);
+      }
+      for (int64_t j = 0; j < D; ++j) {
+        ok[j] = static_cast<W>(norm_backward_entry<T>(vk[j], dot, static_cast<T>(wk[j]) * inv, project));
+      }
+    }
+  });
+}
+
+template <typename T>
+void finish_w_t(const at::Tensor& v, const at::Tensor& w, const at::Tensor& w_inv, double eps, bool normalize,
+                at::Tensor& out) {
+  const at::Tensor wc = w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "mvloss_cpu_finish_w", [&] {
+    finish_rows<T, scalar_t>(v.data_ptr<T>(), wc.data_ptr<scalar_t>(), w_inv.data_ptr<T>(), out.data_ptr<scalar_t>(),
+                             v.size(0), v.size(1), static_cast<T>(eps), normalize);
   });
 }
 
@@ -150,6 +183,14 @@ struct CpuEpilogue {
     }
   }
   static int64_t workspace_elems() { return env_int("MVLOSS_CPU_WORKSPACE_ELEMS", 2 * 1024 * 1024); }
+  static void finish_w(const at::Tensor& v, const at::Tensor& w, const at::Tensor& w_inv, double eps, bool normalize,
+                       at::Tensor& out) {
+    if (v.scalar_type() == at::kDouble) {
+      finish_w_t<double>(v, w, w_inv, eps, normalize, out);
+    } else {
+      finish_w_t<float>(v, w, w_inv, eps, normalize, out);
+    }
+  }
   static void forward_chunk(const ChunkArgs& a, at::Tensor& m, at::Tensor& s, at::Tensor& z) {
     if (a.raw.scalar_type() == at::kDouble) {
       forward_chunk_t<double>(a, m, s, z, kernels().fwd_d);
@@ -190,6 +231,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_cpu(
                                        param, clamp, need_dscale, need_dbias, chunk);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_w_cpu(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& x_inv, const at::Tensor& w_inv,
+    const at::Tensor& labels, const at::Tensor& thr, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& g_lse, const at::Tensor& g_sum, const at::Tensor& g_cos,
+    int64_t treatment, double param, bool clamp, bool need_dscale, bool need_dbias, bool normalize_w, double eps,
+    int64_t chunk) {
+  return Driver<CpuEpilogue>::backward_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos,
+                                         treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, chunk);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace mvloss
@@ -197,4 +248,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_cpu(
 TORCH_LIBRARY_IMPL(mvloss, CPU, m) {
   m.impl("neg_forward", &mvloss::cpu::neg_forward_cpu);
   m.impl("neg_backward", &mvloss::cpu::neg_backward_cpu);
+  m.impl("neg_backward_w", &mvloss::cpu::neg_backward_w_cpu);
 }

@@ -39,6 +39,7 @@ struct BwdChunk {
   const T* lse;
   const T* g_lse;
   const T* g_sum;
+  const T* g_cos;         // (B,) or nullptr: the target column's upstream gradient (fused weight gradient)
   T param;
   int64_t n, c0;
   int treatment;
@@ -52,6 +53,7 @@ struct RowKernels {
   void (*bwd_f)(const BwdChunk<float>&, int64_t r0, int64_t r1);
   void (*bwd_d)(const BwdChunk<double>&, int64_t r0, int64_t r1);
 };
+
 
 RowKernels row_kernels_base();
 RowKernels row_kernels_avx2();    // nullptr members when not built for x86-64

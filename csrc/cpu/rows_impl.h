@@ -141,6 +141,7 @@ void backward_rows(const BwdChunk<T>& a, int64_t r0, int64_t r1) {
                                                                a.param, l, gl, gs);
     }
     if (a.dscale) a.dscale[i] += du;
+    if (has_target && a.g_cos) orow[y] = target_dcw<T>(a.g_cos[i], a.w_inv[y]);  // was 0: no negative there
   }
 }
 

@@ -3,7 +3,8 @@
 // Per class chunk: the cosine GEMM by cuBLAS through ATen (fp16/bf16 inputs with an fp32 result, or fp32/fp64) into
 // a bounded workspace, then one fused kernel: one block per row scales by the weight inverse norms, clamps,
 // applies mask/h/scale/bias and folds the chunk into the row's running (max, sum-exp) (forward), or forms
-// dz, dc * w_inv and the row's sum dz * u (backward); two more GEMMs give dxhat and dwhat.
+// dz, dc * w_inv and the row's sum dz * u (backward); two more GEMMs give dxhat and dwhat, and with the fused
+// weight gradient a last kernel takes each chunk of dwhat through the normalisation backward into W's dtype.
 // Indexing is int64; all launches go to the current stream; no device asserts (a label outside the chunk, or
 // outside [0, C), simply never matches a column).
 #include <ATen/ATen.h>
@@ -104,8 +105,8 @@ template <typename T, typename O, int TREAT>
 __global__ void __launch_bounds__(kThreads) backward_kernel(
     const T* raw, const T* __restrict__ w_inv, const T* __restrict__ bias, const int64_t* __restrict__ labels,
     const T* __restrict__ thr, const T* __restrict__ scale, const T* __restrict__ lse, const T* __restrict__ g_lse,
-    const T* __restrict__ g_sum, T param, bool clamp, int64_t n, int64_t c0, O* dcw, T* __restrict__ dz,
-    T* __restrict__ dscale) {
+    const T* __restrict__ g_sum, const T* __restrict__ g_cos, T param, bool clamp, int64_t n, int64_t c0, O* dcw,
+    T* __restrict__ dz, T* __restrict__ dscale) {
   __shared__ T sh[kWarps];
   const int64_t i = blockIdx.x;
   const T* row = raw + i * n;  // dcw may alias raw (same element read, then written, by one thread)
@@ -120,8 +121,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   }
   T acc = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    if (j == y) {
-      out[j] = static_cast<O>(T(0));
+    if (j == y) {  // no negative: the target column's own gradient when the weight gradient is fused, else 0
+      out[j] = static_cast<O>(g_cos ? target_dcw<T>(g_cos[i], w_inv[j]) : T(0));
       if (dzrow) dzrow[j] = T(0);
       continue;
     }
@@ -137,6 +138,57 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   if (dscale != nullptr) {
     acc = block_sum(acc, sh);
     if (threadIdx.x == 0) dscale[i] += acc;
+  }
+}
+
+// One block per weight row of a class chunk: the normalisation backward (epilogue.h) of v = w_inv * dwhat into
+// out, in W's dtype.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) finish_w_kernel(const T* v, const W* __restrict__ w,
+                                                            const T* __restrict__ w_inv, W* out, int64_t D, T eps,
+                                                            bool normalize) {
+  // out may be v (W in the acc dtype): each entry is read, then written, by the same thread
+  __shared__ T sh[kWarps];
+  __shared__ T sh_dot;
+  const int64_t k = blockIdx.x;
+  const T* vk = v + k * D;
+  const W* wk = w + k * D;
+  const T inv = w_inv[k];
+  const bool project = norm_backward_projects<T>(inv, eps, normalize);  // the same for the whole block
+  T dot = T(0);
+  if (project) {
+    for (int64_t j = threadIdx.x; j < D; j += kThreads) dot += vk[j] * (static_cast<T>(wk[j]) * inv);
+    dot = block_sum(dot, sh);
+    if (threadIdx.x == 0) sh_dot = dot;
+    __syncthreads();
+    dot = sh_dot;
+  }
+  for (int64_t j = threadIdx.x; j < D; j += kThreads) {
+    out[k * D + j] = static_cast<W>(norm_backward_entry<T>(vk[j], dot, static_cast<T>(wk[j]) * inv, project));
+  }
+}
+
+template <typename T, typename W>
+void launch_finish_w(const at::Tensor& v, const at::Tensor& w, const at::Tensor& w_inv, double eps, bool normalize,
+                     at::Tensor& out) {
+  const int64_t n = v.size(0);
+  if (n == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  finish_w_kernel<T, W><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      v.data_ptr<T>(), reinterpret_cast<const W*>(w.data_ptr()), w_inv.data_ptr<T>(),
+      reinterpret_cast<W*>(out.data_ptr()), v.size(1), static_cast<T>(eps), normalize);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void finish_w_t(const at::Tensor& v, const at::Tensor& w, const at::Tensor& w_inv, double eps, bool normalize,
+                at::Tensor& out) {
+  const at::Tensor wc = w.contiguous();
+  switch (w.scalar_type()) {
+    case at::kDouble: launch_finish_w<T, double>(v, wc, w_inv, eps, normalize, out); break;
+    case at::kHalf: launch_finish_w<T, c10::Half>(v, wc, w_inv, eps, normalize, out); break;
+    case at::kBFloat16: launch_finish_w<T, c10::BFloat16>(v, wc, w_inv, eps, normalize, out); break;
+    default: launch_finish_w<T, float>(v, wc, w_inv, eps, normalize, out); break;
   }
 }
 
@@ -186,7 +238,7 @@ void launch_backward(const ChunkArgs& a, const BackwardRowArgs& r, at::Tensor& d
     backward_kernel<T, O, TR><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         a.raw.data_ptr<T>(), a.w_inv.data_ptr<T>(), bias, a.labels.data_ptr<int64_t>(), a.thr.data_ptr<T>(),
         a.scale.data_ptr<T>(), r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(),
-        static_cast<T>(a.param), a.clamp, a.n, a.c0, out, dzp, dsp);
+        ptr_or_null<T>(r.g_cos), static_cast<T>(a.param), a.clamp, a.n, a.c0, out, dzp, dsp);
   })
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -204,6 +256,15 @@ struct CudaEpilogue {
     return st == at::kBFloat16 && env_int("MVLOSS_CUDA_FP32_GEMM", 0) != 1;
   }
   static int64_t workspace_elems() { return env_int("MVLOSS_CUDA_WORKSPACE_ELEMS", 4 * 1024 * 1024); }
+  static void finish_w(const at::Tensor& v, const at::Tensor& w, const at::Tensor& w_inv, double eps, bool normalize,
+                       at::Tensor& out) {
+    TORCH_CHECK(v.size(0) <= 2147483647LL, "mvloss cuda: class chunk too large for one grid dimension");
+    if (v.scalar_type() == at::kDouble) {
+      finish_w_t<double>(v, w, w_inv, eps, normalize, out);
+    } else {
+      finish_w_t<float>(v, w, w_inv, eps, normalize, out);
+    }
+  }
   static void forward_chunk(const ChunkArgs& a, at::Tensor& m, at::Tensor& s, at::Tensor& z) {
     if (a.raw.scalar_type() == at::kDouble) {
       launch_forward<double>(a, m, s, z);
@@ -246,6 +307,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_cuda(
                                         param, clamp, need_dscale, need_dbias, chunk);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_w_cuda(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& x_inv, const at::Tensor& w_inv,
+    const at::Tensor& labels, const at::Tensor& thr, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& g_lse, const at::Tensor& g_sum, const at::Tensor& g_cos,
+    int64_t treatment, double param, bool clamp, bool need_dscale, bool need_dbias, bool normalize_w, double eps,
+    int64_t chunk) {
+  TORCH_CHECK(x.size(0) <= 2147483647LL, "mvloss cuda: batch too large for one grid dimension");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Driver<CudaEpilogue>::backward_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos,
+                                          treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, chunk);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace mvloss
@@ -253,4 +326,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neg_backward_cuda(
 TORCH_LIBRARY_IMPL(mvloss, CUDA, m) {
   m.impl("neg_forward", &mvloss::cuda::neg_forward_cuda);
   m.impl("neg_backward", &mvloss::cuda::neg_backward_cuda);
+  m.impl("neg_backward_w", &mvloss::cuda::neg_backward_w_cuda);
 }

@@ -1,4 +1,5 @@
-// C++ test of the CPU kernels of mvloss::neg_forward / neg_backward against a naive ATen evaluation of the contract
+// C++ test of the CPU kernels of mvloss::neg_forward / neg_backward / neg_backward_w against a naive ATen evaluation
+// of the contract
 // (mvloss/negatives.py), in fp64 and fp32, through the dispatcher (as Python calls them).  Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -49,6 +50,11 @@ int main() {
       const at::Tensor&, int64_t, double, bool, bool, bool, int64_t);
   auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("mvloss::neg_forward", "").typed<Fwd>();
   auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("mvloss::neg_backward", "").typed<Bwd>();
+  using BwdW = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, int64_t, double, bool, bool, bool, bool, double, int64_t);
+  auto bwd_w = c10::Dispatcher::singleton().findSchemaOrThrow("mvloss::neg_backward_w", "").typed<BwdW>();
 
   at::manual_seed(0);
   const int64_t B = 13, C = 157, D = 19;
@@ -66,6 +72,7 @@ int main() {
     auto bias = at::linspace(-0.5, 0.5, C, at::kDouble);
     auto g_lse = at::rand({B}, at::kDouble);
     auto g_sum = at::rand({B}, at::kDouble) / C;
+    auto g_cos = at::randn({B}, at::kDouble) * (labels >= 0);
     auto onehot = at::zeros({B, C}, at::kBool);
     for (int64_t i = 0; i < B; ++i) {
       const int64_t y = labels[i].item<int64_t>();
@@ -103,6 +110,30 @@ int main() {
           expect_close("dwhat", std::get<1>(grads), dwhat, tol);
           expect_close("dscale", std::get<2>(grads), dscale, tol);
           expect_close("dbias", std::get<3>(grads), dbias, tol);
+
+          // the training step's backward: the target column's gradient g_cos in dc, then the normalisation
+          // backward of each weight row, d/dw of w / |w| = (dwhat - (dwhat . w-hat) w-hat) / |w|
+          auto dc_t = dc + onehot * g_cos.unsqueeze(1);
+          auto what = w * w_inv.unsqueeze(1);
+          auto dwhat_t = at::mm(dc_t.t(), x * x_inv.unsqueeze(1));
+          auto dw = (dwhat_t - (dwhat_t * what).sum(1, true) * what) * w_inv.unsqueeze(1);
+          for (auto wdtype : {dtype, at::kBFloat16}) {
+            auto Wt = w.to(wdtype);
+            auto gw = bwd_w.call(X, Wt, vec(x_inv), vec(1.0 / Wt.to(at::kDouble).norm(2, {1})), labels, vec(thr),
+                                 vec(scale), vec(bias), vec(lse), vec(g_lse), vec(g_sum), vec(g_cos), t, 0.2, clamp,
+                                 true, true, true, 1e-12, chunk);
+            if (wdtype != dtype) {  // bf16 W: its gradient in bf16, the rest as with the exact W
+              if (std::get<1>(gw).scalar_type() != at::kBFloat16) {
+                std::fprintf(stderr, "FAIL dW dtype: W's gradient must be in W's dtype\n");
+                ++failures;
+              }
+              continue;
+            }
+            expect_close("dxhat (fused dW)", std::get<0>(gw), at::mm(dc_t, what), tol);
+            expect_close("dW (fused)", std::get<1>(gw), dw, tol);
+            expect_close("dscale (fused dW)", std::get<2>(gw), dscale, tol);
+            expect_close("dbias (fused dW)", std::get<3>(gw), dbias, tol);
+          }
         }
       }
     }

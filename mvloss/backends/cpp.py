@@ -1,8 +1,9 @@
 """The C++ backends: "cpu" (ATen GEMMs + a fused C++ epilogue) and "cuda" (cuBLAS GEMMs + fused CUDA kernels).
 
-Both run the negatives contract of ``mvloss.negatives`` through two custom ops of the compiled extension
-``mvloss._C``: ``torch.ops.mvloss.neg_forward`` and ``torch.ops.mvloss.neg_backward`` (schemas in csrc/ops.cpp,
-kernels in csrc/cpu and csrc/cuda).  Their fake (meta) implementations are registered here, so torch.compile and
+Both run the negatives contract of ``mvloss.negatives`` through custom ops of the compiled extension ``mvloss._C``:
+``torch.ops.mvloss.neg_forward``, ``torch.ops.mvloss.neg_backward`` and, for a training step's backward,
+``torch.ops.mvloss.neg_backward_w`` (W's gradient finished per class chunk; schemas in csrc/ops.cpp, kernels in
+csrc/cpu and csrc/cuda).  Their fake (meta) implementations are registered here, so torch.compile and
 ``torch.library.opcheck`` can trace them.  When the extension is missing (pure-Python install, no compiler at build
 time) both backends register anyway and say why they are unavailable.
 """
@@ -43,6 +44,14 @@ if _C is not None:
         return (x.new_empty((b, d), dtype=acc), x.new_empty((c, d), dtype=acc),
                 x.new_empty((b if need_dscale else 0,), dtype=acc), x.new_empty((c if need_dbias else 0,), dtype=acc))
 
+    @torch.library.register_fake("mvloss::neg_backward_w")
+    def _neg_backward_w_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, treatment,
+                             param, clamp, need_dscale, need_dbias, normalize_w, eps, chunk=0):
+        acc = compute_dtype(x)
+        b, d, c = x.shape[0], x.shape[1], w.shape[0]
+        return (x.new_empty((b, d), dtype=acc), torch.empty((c, d), dtype=w.dtype, device=w.device),
+                x.new_empty((b if need_dscale else 0,), dtype=acc), x.new_empty((c if need_dbias else 0,), dtype=acc))
+
 
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None, **kw):
     """(lse, zsum) of the negatives contract, via torch.ops.mvloss.neg_forward."""
@@ -63,6 +72,20 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
         g_lse.to(acc), g_sum.to(acc), int(treatment), float(param), bool(clamp), bool(need_dscale),
         bool(need_dbias), int(chunk_size or 0))
     return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
+
+
+def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, treatment, param, clamp,
+                     need_dscale, need_dbias, normalize_w, eps, chunk_size=None, **kw):
+    """The backward of a training step, via torch.ops.mvloss.neg_backward_w: (dxhat, dW in W's dtype, dscale | None,
+    dbias | None), the target column's gradient g_cos in both, dW through the normalisation backward one class chunk
+    at a time (no C x D fp32 buffer)."""
+    acc = compute_dtype(x)
+    bias = None if bias is None else bias.to(acc)
+    dxhat, dw, dscale, dbias = torch.ops.mvloss.neg_backward_w(
+        x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc), bias, lse.to(acc),
+        g_lse.to(acc), g_sum.to(acc), g_cos.to(acc), int(treatment), float(param), bool(clamp), bool(need_dscale),
+        bool(need_dbias), bool(normalize_w), float(eps), int(chunk_size or 0))
+    return dxhat, dw, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -95,6 +118,8 @@ def _cuda_unavailable() -> Optional[str]:
 
 
 dispatch.register(dispatch.Backend(name="cuda", priority=20, forward=forward, backward=backward,
-                                   unavailable=_cuda_unavailable, cannot_run=_device_check("cuda")))
+                                   unavailable=_cuda_unavailable, cannot_run=_device_check("cuda"),
+                                   backward_fused_w=backward_fused_w))
 dispatch.register(dispatch.Backend(name="cpu", priority=30, forward=forward, backward=backward,
-                                   unavailable=_cpu_unavailable, cannot_run=_device_check("cpu")))
+                                   unavailable=_cpu_unavailable, cannot_run=_device_check("cpu"),
+                                   backward_fused_w=backward_fused_w))

@@ -10,6 +10,10 @@
 //   static void forward_chunk(const ChunkArgs&, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& zsum)
 //   static void backward_chunk(const ChunkArgs&, const BackwardRowArgs&, at::Tensor& dcw, at::Tensor& dz,
 //                              at::Tensor& dscale)
+//   static void finish_w(const at::Tensor& v, const at::Tensor& w_rows, const at::Tensor& w_inv_rows, double eps,
+//                        bool normalize, at::Tensor& out)     // fused weight gradient: one class chunk's
+//                                                            //   normalisation backward (epilogue.h), W's dtype;
+//                                                            //   out may be v itself (W in the acc dtype)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,6 +46,14 @@ struct BackwardRowArgs {
   at::Tensor lse;      // (B,) acc
   at::Tensor g_lse;    // (B,) acc
   at::Tensor g_sum;    // (B,) acc
+  at::Tensor g_cos;    // (B,) acc, or undefined: the target column's gradient, written into dc (fused dW only)
+};
+
+// The fused weight gradient's finish: W's gradient in W's dtype, each class chunk through the normalisation backward.
+struct FinishW {
+  at::Tensor w_out;    // (C, D) like W
+  double eps;
+  bool normalize;
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -192,27 +204,66 @@ struct Driver {
       const at::Tensor& lse, const at::Tensor& g_lse, const at::Tensor& g_sum, int64_t treatment, double param,
       bool clamp, bool need_dscale, bool need_dbias, int64_t chunk) {
     Prepared p = prepare(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, chunk);
-    for (auto* t : {&lse, &g_lse, &g_sum}) {
+    BackwardRowArgs rows = row_args(p, x, lse, g_lse, g_sum, nullptr);
+    return run_backward(p, w, rows, treatment, param, clamp, need_dscale, need_dbias, nullptr);
+  }
+
+  // The backward of a training step: dxhat and W's gradient (W's dtype, through the normalisation backward, finished
+  // per class chunk: no C x D fp32 buffer), both with the target column's gradient g_cos (at labels_i, none where
+  // the label is -1) carried by the chunk GEMMs.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_w(
+      const at::Tensor& x, const at::Tensor& w, const at::Tensor& x_inv, const at::Tensor& w_inv,
+      const at::Tensor& labels, const at::Tensor& thr, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+      const at::Tensor& lse, const at::Tensor& g_lse, const at::Tensor& g_sum, const at::Tensor& g_cos,
+      int64_t treatment, double param, bool clamp, bool need_dscale, bool need_dbias, bool normalize_w, double eps,
+      int64_t chunk) {
+    Prepared p = prepare(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, chunk);
+    // a chunk's fp32 weight gradient (n x D) stays within the workspace size too
+    if (chunk <= 0) p.n = std::min(p.n, std::max<int64_t>(1, Epi::workspace_elems() / std::max<int64_t>(p.D, 1)));
+    BackwardRowArgs rows = row_args(p, x, lse, g_lse, g_sum, &g_cos);
+    FinishW fin{at::empty_like(w, at::MemoryFormat::Contiguous), eps, normalize_w};
+    return run_backward(p, w, rows, treatment, param, clamp, need_dscale, need_dbias, &fin);
+  }
+
+ private:
+  static BackwardRowArgs row_args(const Prepared& p, const at::Tensor& x, const at::Tensor& lse,
+                                  const at::Tensor& g_lse, const at::Tensor& g_sum, const at::Tensor* g_cos) {
+    for (const at::Tensor* t : {&lse, &g_lse, &g_sum, g_cos}) {
+      if (t == nullptr) continue;
       TORCH_CHECK(t->dim() == 1 && t->size(0) == p.B && t->scalar_type() == p.acc && t->device() == x.device(),
-                  "mvloss: lse, g_lse, g_sum must be ", p.acc, " vectors of shape (", p.B, ",)");
+                  "mvloss: lse, g_lse, g_sum (and g_cos) must be ", p.acc, " vectors of shape (", p.B, ",)");
     }
-    auto vec = x.options().dtype(p.acc);
+    return BackwardRowArgs{lse.contiguous(), g_lse.contiguous(), g_sum.contiguous(),
+                           g_cos ? g_cos->contiguous() : at::Tensor()};
+  }
+
+  // The class-chunk loop of both backwards; with `fin`, W's gradient is finished per chunk into fin->w_out.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+      const Prepared& p, const at::Tensor& w, const BackwardRowArgs& rows, int64_t treatment, double param,
+      bool clamp, bool need_dscale, bool need_dbias, FinishW* fin) {
+    auto vec = p.xhat.options().dtype(p.acc);
     at::Tensor dxhat = at::zeros({p.B, p.D}, vec);
-    at::Tensor dwhat = at::empty({p.C, p.D}, vec);
+    // fused dW in the acc dtype (fp32 W, fp64 W): each chunk's GEMM writes straight into W's gradient and the finish
+    // runs in place; otherwise one chunk's buffer (n x D, acc)
+    const bool in_place = fin && fin->w_out.scalar_type() == p.acc;
+    at::Tensor dwhat = !fin ? at::empty({p.C, p.D}, vec) : at::empty({in_place ? 0 : std::min(p.n, p.C), p.D}, vec);
     at::Tensor dscale = at::zeros({need_dscale ? p.B : 0}, vec);
     at::Tensor dbias = at::zeros({need_dbias ? p.C : 0}, vec);
     if (p.B == 0) {
-      dwhat.zero_();
-      if (need_dbias) dbias.zero_();
-      return {dxhat, dwhat, dscale, dbias};
+      if (fin) {
+        fin->w_out.zero_();
+      } else {
+        dwhat.zero_();
+      }
+      return {dxhat, fin ? fin->w_out : dwhat, dscale, dbias};
     }
-    BackwardRowArgs rows{lse.contiguous(), g_lse.contiguous(), g_sum.contiguous()};
     at::Tensor ws = at::empty({p.B * p.n}, vec);
     // dc * w_inv_k: written in place over raw when the GEMMs run in the acc dtype, else in its own buffer.
-    at::Tensor dc_buf = p.gemm == p.acc ? ws : at::empty({p.B * p.n}, x.options().dtype(p.gemm));
+    at::Tensor dc_buf = p.gemm == p.acc ? ws : at::empty({p.B * p.n}, vec.dtype(p.gemm));
     at::Tensor dz_buf = need_dbias ? at::empty({p.B * p.n}, vec) : at::Tensor();
     at::Tensor dx_tmp = p.gemm == p.acc ? at::Tensor() : at::empty({p.B, p.D}, vec);
-    at::Tensor w_norm = at::reciprocal(p.w_inv);  // dwhat_k = (sum_i dc_ik w_inv_k xhat_i) / w_inv_k
+    // dwhat_k = (sum_i dc_ik w_inv_k xhat_i) / w_inv_k; the fused finish takes w_inv_k dwhat_k as it is
+    at::Tensor w_norm = fin ? at::Tensor() : at::reciprocal(p.w_inv);
     at::Tensor wbuf;
     for (int64_t c0 = 0; c0 < p.C; c0 += p.n) {
       const int64_t n = std::min(p.n, p.C - c0);
@@ -220,14 +271,16 @@ struct Driver {
       at::Tensor wc = weight_chunk(w, p, c0, n, wbuf);
       at::Tensor dcw = view2d(dc_buf, p.B, n);
       at::Tensor dz = need_dbias ? view2d(dz_buf, p.B, n) : at::Tensor();
-      at::Tensor dw_rows = dwhat.narrow(0, c0, n);
+      at::Tensor dw_rows = !fin      ? dwhat.narrow(0, c0, n)
+                           : in_place ? fin->w_out.narrow(0, c0, n)
+                                      : dwhat.narrow(0, 0, n);
+      ChunkArgs a = chunk_args(p, raw, c0, n, treatment, param, clamp);
       if (Epi::row_block_gemm()) {  // cosine GEMM, epilogue and dxhat GEMM per block of rows
-        Epi::backward_chunk_gemm(p.xhat, wc, chunk_args(p, raw, c0, n, treatment, param, clamp), rows, dcw, dz,
-                                 dscale, dxhat);
+        Epi::backward_chunk_gemm(p.xhat, wc, a, rows, dcw, dz, dscale, dxhat);
         at::mm_out(dw_rows, dcw.t(), p.xhat);
       } else {
         cosine_gemm(p, wc, raw);
-        Epi::backward_chunk(chunk_args(p, raw, c0, n, treatment, param, clamp), rows, dcw, dz, dscale);
+        Epi::backward_chunk(a, rows, dcw, dz, dscale);
         if (p.gemm == p.acc) {
           dxhat.addmm_(dcw, wc);
           at::mm_out(dw_rows, dcw.t(), p.xhat);
@@ -237,13 +290,18 @@ struct Driver {
           at::mm_out(dw_rows, dcw.t(), p.xhat, p.acc);
         }
       }
-      dw_rows.mul_(w_norm.narrow(0, c0, n).unsqueeze(1));
+      if (fin) {
+        at::Tensor out = fin->w_out.narrow(0, c0, n);
+        Epi::finish_w(dw_rows, w.narrow(0, c0, n), a.w_inv, fin->eps, fin->normalize, out);
+      } else {
+        dw_rows.mul_(w_norm.narrow(0, c0, n).unsqueeze(1));
+      }
       if (need_dbias) {
         at::Tensor db = dbias.narrow(0, c0, n);
         at::sum_out(db, dz, at::IntArrayRef{0});
       }
     }
-    return {dxhat, dwhat, dscale, dbias};
+    return {dxhat, fin ? fin->w_out : dwhat, dscale, dbias};
   }
 };
 

@@ -5,6 +5,7 @@
 //   u  = c > thr ? h(c) : c                  is_hard / treat / treated
 //   du/dc = c > thr ? h'(c) : 1              treat_grad / treated_grad
 //   running (max, sum exp) merge             lse_push / lse_merge / lse_finish
+//   the weight rows' normalisation backward  target_dcw / norm_backward_projects / norm_backward_entry
 // Functions are templates over the accumulation type (float, or double for fp64 inputs) and are
 // __host__ __device__ when compiled by nvcc; plain inline C++ otherwise.
 #pragma once
@@ -147,5 +148,19 @@ MVLOSS_HD T neg_dcos(T raw, T dz, T thr, T scale, int treatment, T param, bool c
   if (!clamp_passes(raw, clamp)) return T(0);
   return dz * scale * treated_grad(clamp_cos(raw, clamp), thr, treatment, param);
 }
+
+// The target column's entry of dc * w_inv in a fused weight gradient: g_cos_i (the upstream gradient of the raw target
+// cosine) times w_inv_y, so the backward's own dx and dW GEMMs carry the target column (no separate B x D pass).
+template <typename T>
+MVLOSS_HD T target_dcw(T g_cos, T w_inv) { return g_cos * w_inv; }
+
+// Normalisation backward of one weight row, given v = w_inv * dwhat (what G^T x-hat gives) and dot = v . w-hat:
+// d/dw of w / max(|w|, eps) is w_inv (dwhat - (dwhat . w-hat) w-hat) above eps and w_inv dwhat below it, which is
+// v - dot * w-hat, or v (no rescaling either way).
+template <typename T>
+MVLOSS_HD bool norm_backward_projects(T w_inv, T eps, bool normalize) { return normalize && T(1) / w_inv > eps; }
+
+template <typename T>
+MVLOSS_HD T norm_backward_entry(T v, T dot, T what, bool project) { return project ? v - dot * what : v; }
 
 }  // namespace mvloss
