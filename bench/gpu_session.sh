@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu, cudaws
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -25,7 +25,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --durations=10)
 
 # only these stages use the C++/CUDA extension (the Triton tests, sweep, tune and ncu do not): without them, no build
 BUILD=""
-if has other || has timings || has bench || has largest || has demo; then
+if has other || has timings || has bench || has largest || has demo || has cudaws; then
   stamp "build (background)"
   ( time "$PY" setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1 &
   BUILD=$!
@@ -123,6 +123,17 @@ if has bench; then
     ${BENCH_METHODS:+--methods $BENCH_METHODS} > "$OUT/bench.log" 2>&1
   grep "^row " "$OUT/bench.log" | tail -n 30
   tar czf "$OUT/bench_out.tgz" bench_out
+fi
+if has cudaws; then
+  # the CUDA backend's class chunk: B x n fp32 cosines per chunk, n = MVLOSS_CUDA_WORKSPACE_ELEMS / B (default 4M:
+  # 4096 classes at B = 1024, a chunk that stays in L2; larger: fewer launches per step)
+  for elems in ${CUDA_WS:-4194304 16777216 33554432}; do
+    stamp "cuda backend, MVLOSS_CUDA_WORKSPACE_ELEMS=$elems"
+    MVLOSS_CUDA_WORKSPACE_ELEMS=$elems timeout "${CUDAWS_TIMEOUT:-120}" "$PY" -m mvloss.bench --loss mv_arc \
+      --dtype bf16 --B 1024 --D 512 --C 100000 1000000 --passes fwd+bwd --budget 0.5 --no-plots \
+      --out "cudaws_out_$elems" --methods mvloss:cuda > "$OUT/cudaws_$elems.log" 2>&1
+    grep "^row " "$OUT/cudaws_$elems.log" | tail -n 2
+  done
 fi
 if has largest; then
   stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"
