@@ -5,7 +5,8 @@
     python bench/triton_gpu_timings.py --smoke              # check the script itself on a CPU (interpreter)
 
 Per shape it times, at the same dtype:
-  triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend;
+  triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend, and the host's
+              time to issue its step (host_issue_ms: an eager step bound by its launches takes about that long);
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
   triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
   triton_candidates  the same step with the candidate kernels (CANDIDATES: MVLOSS_TRITON_FORWARD=ws,
@@ -93,6 +94,20 @@ def _time(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
+    """Median wall milliseconds until fn returns, the device idle at each start: the host's time to issue one step
+    (on a GPU the step's own time cannot be shorter than this while kernels wait for their launches)."""
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    _sync(device)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def _peak_mb(fn, device: torch.device) -> float:
     if device.type != "cuda":
         fn()
@@ -146,7 +161,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         ms_f = timed(loss_fwd(backend))
         ms_s = timed(loss_step(backend))
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
-                            fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)))
+                            fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)),
+                            host_issue_ms=_host_issue_ms(loss_step(backend), device, iters))
 
     # the candidate kernels in the same full step
     if not step_only:

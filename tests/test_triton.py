@@ -661,6 +661,7 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     rec = json.loads(out.read_text())[0]
     assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
     assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_candidate_ms"] > 0
+    assert 0 < rec["triton"]["host_issue_ms"] <= 2 * rec["triton"]["fwd_bwd_ms"] + 50  # at most a step, plus noise
     assert "triton_tiles" not in rec  # only with --tiles
 
 
