@@ -13,6 +13,7 @@ kernels of ``mvloss.autograd.triton_glue``; a half-precision GEMM with fp32 outp
 GEMM), so the count is the one a GPU step would have.
 
     python -m mvloss.bench.launches --backend triton --B 64 --C 3000 --D 32 --chunks 4
+    python -m mvloss.bench.launches --host-time --B 8 --C 256 --D 8     # host microseconds per step, launches stubbed
 """
 from __future__ import annotations
 
@@ -194,6 +195,44 @@ def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
             "by_site": dict(sorted(sites.items(), key=lambda kv: kv[0].split(" @ ")[1]))}
 
 
+@contextlib.contextmanager
+def _stubbed_triton():
+    """Every Triton launch (the interpreter's and the compiled launcher alike) returns at once: what a step still
+    costs is the host's own work around its kernels."""
+    from triton.runtime import interpreter, jit
+
+    saved = [(cls, cls.run) for cls in (interpreter.InterpretedFunction, jit.JITFunction)]
+    for cls, _ in saved:
+        cls.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for cls, run in saved:
+            cls.run = run
+
+
+def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True) -> float:
+    """Host microseconds per call of ``step`` (best of ``repeats`` means over ``reps`` calls) with the eager-CUDA
+    branches and every Triton launch stubbed: the Python and dispatcher time of an eager step on this host, which a
+    GPU step adds to its kernels wherever they wait for their launches.  Use tiny shapes: the ATen ops still compute
+    on the CPU."""
+    import time
+
+    paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
+    with paths:
+        step()  # warm, with the real kernels
+        with _stubbed_triton():
+            for _ in range(20):
+                step()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    step()
+                best = min(best, (time.perf_counter() - t0) / reps)
+    return best * 1e6
+
+
 def workspace_for_chunks(B: int, C: int, D: int, dtype: torch.dtype, chunks: int) -> int:
     """MVLOSS_TRITON_WORKSPACE_ELEMS that makes the Triton backward walk C classes in ``chunks`` chunks (at most;
     a chunk is a whole number of the kernel's class tiles)."""
@@ -264,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda-paths", action="store_true")
     p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--host-time", action="store_true", help="host microseconds per step (one thread, Triton "
+                   "launches stubbed) instead of the launch count")
     p.add_argument("--table", metavar="PATH.md", help="write the standard table (triton at 4 and 31 class chunks, "
                    "the shapes of C = 100k and 1M at B = 1024; cpu; chunked) to a Markdown file")
     args = p.parse_args(argv)
@@ -280,6 +321,17 @@ def main(argv=None) -> int:
     os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(args.B, args.C, args.D, dtype,
                                                                            args.chunks))
     step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
+    if args.host_time:
+        torch.set_num_threads(1)
+        us = host_time_us(step, cuda_paths=not args.no_cuda_paths)
+        if args.json:
+            import json
+
+            print(json.dumps({"host_us_per_step": us}))
+        else:
+            print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks}: "
+                  f"{us:.0f} us of host time per step (Triton launches stubbed, one thread)")
+        return 0
     step()  # warm: compiles, caches
     result = count_step(step, cuda_paths=not args.no_cuda_paths)
     if args.json:
