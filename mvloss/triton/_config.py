@@ -19,6 +19,12 @@ import torch
 SPLIT_ALIGN = 256
 
 
+def cdiv(a, b):
+    """ceil(a / b) of host integers (SymInts under torch.compile too).  triton.cdiv is a constexpr_function: ~2 us a
+    host call (triton 3.6 and 3.8), a dozen calls a step."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -96,7 +96,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         meta["BLOCK_K"] = cfg["BLOCK_K"]
 
     def grid(m):
-        return (triton.cdiv(C, m["BLOCK_C"]), triton.cdiv(D, m["BLOCK_DO"]))
+        return (_config.cdiv(C, m["BLOCK_C"]), _config.cdiv(D, m["BLOCK_DO"]))
 
     _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,

@@ -95,7 +95,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         meta["BLOCK_K"] = cfg["BLOCK_K"]
 
     def grid(m):
-        return (triton.cdiv(B, m["BLOCK_B"]), triton.cdiv(D, m["BLOCK_DO"]), splits)
+        return (_config.cdiv(B, m["BLOCK_B"]), _config.cdiv(D, m["BLOCK_DO"]), splits)
 
     _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,

@@ -167,7 +167,7 @@ def workspace_elems() -> int:
 
 def _chunk(B: int, C: int, block_c: int) -> int:
     per = max(block_c, (workspace_elems() // max(B, 1)) // block_c * block_c)
-    return min(per, triton.cdiv(C, block_c) * block_c)
+    return min(per, _config.cdiv(C, block_c) * block_c)
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -233,13 +233,13 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     w_norm = 1.0 / w_inv if finish_w is None else None  # the contract's dwhat: G carries w_inv, taken off again
     dscale = torch.zeros((B,) if need_dscale else (0,), dtype=torch.float32, device=dev)
     dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=dev)
-    n_ct = triton.cdiv(chunk, bc)
+    n_ct = _config.cdiv(chunk, bc)
     ds_part = torch.empty((n_ct, B) if need_dscale else (0,), dtype=torch.float32, device=dev)
-    db_part = torch.empty((triton.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
+    db_part = torch.empty((_config.cdiv(B, bb), chunk) if need_dbias else (0,), dtype=torch.float32, device=dev)
     # ws: the rows are split between two consumer groups, so a per-column sum over them (dbias) cannot be formed
     warp_spec = use_tma and mode == "ws" and _config.warp_specializing_ok(x.dtype, B) and not need_dbias
     persistent = mode == "persistent" or (use_tma and mode == "ws")  # ws: each program loops over class tiles
-    grid_rows = triton.cdiv(B, bb)
+    grid_rows = _config.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None, **cfg)
@@ -258,7 +258,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     bf16_chunk = gdt == torch.bfloat16 and finish_w is not None and norm_backward.supports(D)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        n_tiles = triton.cdiv(c1 - c0, bc)
+        n_tiles = _config.cdiv(c1 - c0, bc)
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
         kernel[(grid_rows, class_programs)](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,

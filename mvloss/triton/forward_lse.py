@@ -88,7 +88,7 @@ def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
     lse = torch.empty(B, dtype=torch.float32, device=part_m.device)
     zsum = torch.empty(B, dtype=torch.float32, device=part_m.device)
     block = 128 if _config.interpreting() else 256
-    _config.launcher(merge_kernel)[(triton.cdiv(B, block),)](part_m, part_s, part_z, lse, zsum, B, splits,
+    _config.launcher(merge_kernel)[(_config.cdiv(B, block),)](part_m, part_s, part_z, lse, zsum, B, splits,
                                                              BLOCK=block)
     return lse, zsum
 
@@ -113,7 +113,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
         meta["BLOCK_K"] = cfg["BLOCK_K"]
 
     def grid(m):
-        return (triton.cdiv(B, m["BLOCK_B"]), splits)
+        return (_config.cdiv(B, m["BLOCK_B"]), splits)
 
     vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
     if use_tma:

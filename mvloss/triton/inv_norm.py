@@ -50,7 +50,7 @@ def inverse_norms_pair(a: torch.Tensor, b: torch.Tensor, eps: float):
     out_a = torch.empty(NA, dtype=torch.float32, device=a.device)
     out_b = torch.empty(NB, dtype=torch.float32, device=a.device)
     BLOCK_R, BLOCK_D = (16, 32) if _config.interpreting() else (16, 128)
-    grid = (triton.cdiv(NA, BLOCK_R) + triton.cdiv(NB, BLOCK_R),)
+    grid = (_config.cdiv(NA, BLOCK_R) + _config.cdiv(NB, BLOCK_R),)
     inv_norm_kernel[grid](a, b, out_a, out_b, NA, NB, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                           float(eps), UPCAST=_config.interpreting(), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return out_a, out_b

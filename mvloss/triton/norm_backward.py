@@ -57,7 +57,7 @@ def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, n
     block_r = max(1, min(64, 4096 // block_d))
     if _config.interpreting():
         block_r = min(block_r, 8)
-    grid = (triton.cdiv(R, block_r),)
+    grid = (_config.cdiv(R, block_r),)
     _config.launcher(norm_backward_kernel)[grid](
         dhat, t, inv, out, R, int(row0), D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
         out.stride(1), float(eps), NORMALIZE=bool(normalize), PRESCALED=bool(prescaled) and bool(normalize),
