@@ -25,7 +25,10 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter: read once, as Triton itself decides it when the kernels are
+    defined (a dozen host calls a step otherwise read the environment)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -320,7 +323,8 @@ def autotune_configs(kind: str):
 def launcher(kernel):
     """``torch.library.wrap_triton(kernel)``, so the launch traces under torch.compile.  torch <= 2.11 rejects the
     interpreter's kernel objects (TRITON_INTERPRET=1); there the kernel launches eagerly, which is all the interpreter
-    can do anyway."""
+    can do anyway.  (Made at each launch, not cached: the wrapper holds its kernel's index in torch's kernel side
+    table, which torch._dynamo.reset() empties.)"""
     from torch.library import wrap_triton
 
     try:
