@@ -353,6 +353,47 @@ def test_opcheck_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_fused_weight_grad_memory_independent_of_c():
+    """B = 1024, C = 1M, D = 512 bf16: neg_backward_w allocates < 128 MB besides its outputs (its buffers are one
+    class chunk's; a C x D fp32 gradient would be 2 GB), and a whole training step on the cuda backend < 256 MB
+    besides the gradients."""
+    from mvloss.backends import cpp
+
+    torch.manual_seed(0)
+    b, c, d = 1024, 1_000_000, 512
+    x = torch.randn(b, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(c, d, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, c, (b,), device="cuda")
+    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
+    thr = torch.full((b,), 0.3, device="cuda")
+    scale = torch.full((b,), 32.0, device="cuda")
+    lse, _ = cpp.forward(x, w, x_inv, w_inv, y, thr, scale, None, int(Treatment.ADAPTIVE), 0.2, False)
+    g = torch.ones(b, device="cuda") / b
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dxhat, dw, _, _ = cpp.backward_fused_w(x, w, x_inv, w_inv, y, thr, scale, None, lse, g, torch.zeros_like(g), g,
+                                           int(Treatment.ADAPTIVE), 0.2, False, False, False, True, 1e-12)
+    torch.cuda.synchronize()
+    assert dw.dtype == w.dtype and dw.shape == w.shape
+    outputs = dxhat.numel() * dxhat.element_size() + dw.numel() * dw.element_size()
+    extra = torch.cuda.max_memory_allocated() - base - outputs
+    assert extra < 128 * 2**20, f"neg_backward_w peak extra (beyond dxhat, dW) {extra / 2**20:.1f} MB"
+    del dxhat, dw
+
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    F.margin_softmax_loss(xg, wg, y, backend="cuda", m2=0.5, mv="adaptive", t=0.2, scale=32.0).backward()
+    torch.cuda.synchronize()
+    grads = (xg.numel() + wg.numel()) * x.element_size()
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    assert extra < 256 * 2**20, f"training step peak extra (beyond the gradients) {extra / 2**20:.1f} MB"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("normalize_w", [True, False])
 def test_cuda_fused_weight_grad_equals_python_chunks(normalize_w):
     test_cpu_fused_weight_grad_equals_python_chunks(normalize_w, device="cuda")
