@@ -71,8 +71,10 @@ fi
 if has tune; then
   # the sweep's fastest tiles timed in the whole step beside the table's (eager and graphed): the evidence for
   # changing the table in mvloss/triton/_config.py
-  if [ -s "$OUT/sweep.json" ]; then
-    "$PY" bench/triton_sweep.py --best "$OUT/sweep.json" > "$OUT/best_tiles.json"
+  # SWEEP_JSON: an earlier call's sweep.json, carried in the working tree ($OUT starts empty on every call)
+  SWEEP_JSON="${SWEEP_JSON:-$OUT/sweep.json}"
+  if [ -s "$SWEEP_JSON" ]; then
+    "$PY" bench/triton_sweep.py --best "$SWEEP_JSON" > "$OUT/best_tiles.json"
     stamp "tune: $(cat "$OUT/best_tiles.json")"
     timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
       --C ${TUNE_C:-100000 1000000} --tiles "$OUT/best_tiles.json" --out "$OUT/timings_tuned.json" \
