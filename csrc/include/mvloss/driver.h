@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <exception>
 #include <tuple>
 
 #include "mvloss/epilogue.h"
@@ -141,6 +142,22 @@ struct Driver {
 
   static at::Tensor view2d(at::Tensor& buf, int64_t rows, int64_t cols) {
     return buf.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+  // acc += a @ b for 16-bit a, b and an fp32 acc: one GEMM with beta = 1 and an fp32 result where this torch has
+  // addmm with out_dtype for them, else a GEMM into tmp and an add (the argument checks throw before any launch).
+  static void add_half_gemm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, at::Tensor& tmp) {
+    static bool fused = true;
+    if (fused) {
+      try {
+        at::addmm_out(acc, acc, a, b, acc.scalar_type());
+        return;
+      } catch (const std::exception&) {  // c10::Error and its NotImplementedError
+        fused = false;
+      }
+    }
+    at::mm_out(tmp, a, b, acc.scalar_type());
+    acc.add_(tmp);
   }
 
   // raw = xhat @ wc^T in the acc dtype, into the workspace.
@@ -285,8 +302,7 @@ struct Driver {
           dxhat.addmm_(dcw, wc);
           at::mm_out(dw_rows, dcw.t(), p.xhat);
         } else {
-          at::mm_out(dx_tmp, dcw, wc, p.acc);
-          dxhat.add_(dx_tmp);
+          add_half_gemm(dxhat, dcw, wc, dx_tmp);
           at::mm_out(dw_rows, dcw.t(), p.xhat, p.acc);
         }
       }
