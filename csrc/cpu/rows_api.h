@@ -54,7 +54,6 @@ struct RowKernels {
   void (*bwd_d)(const BwdChunk<double>&, int64_t r0, int64_t r1);
 };
 
-
 RowKernels row_kernels_base();
 RowKernels row_kernels_avx2();    // nullptr members when not built for x86-64
 RowKernels row_kernels_avx512();

@@ -108,30 +108,35 @@ def _python_impl(name: str) -> Callable | None:
 
 
 @contextlib.contextmanager
-def _counting_triton(counts: collections.Counter):
-    """Counts each Triton kernel launch by kernel name (the interpreter's and the compiled launcher alike)."""
-    patched = []
+def _triton_runs_replaced(replace: Callable):
+    """Every Triton kernel launch (the interpreter's and the compiled launcher alike) runs ``replace(original)``
+    instead of its class's ``run`` for the enclosed code; nothing changes where Triton cannot be imported."""
     try:
         from triton.runtime import interpreter, jit
     except Exception:
         yield
         return
-    for cls, attr in ((interpreter.InterpretedFunction, "run"), (jit.JITFunction, "run")):
-        original = getattr(cls, attr)
-
-        def run(self, *args, __original=original, **kwargs):
-            fn = getattr(self, "fn", None)
-            counts[getattr(fn, "__name__", "triton_kernel")] += 1
-            with _uncounted():  # the interpreter's own tensor copies are not launches
-                return __original(self, *args, **kwargs)
-
-        setattr(cls, attr, run)
-        patched.append((cls, attr, original))
+    saved = [(cls, cls.run) for cls in (interpreter.InterpretedFunction, jit.JITFunction)]
+    for cls, original in saved:
+        cls.run = replace(original)
     try:
         yield
     finally:
-        for cls, attr, original in patched:
-            setattr(cls, attr, original)
+        for cls, original in saved:
+            cls.run = original
+
+
+def _counting_triton(counts: collections.Counter):
+    """Counts each Triton kernel launch by kernel name."""
+    def counting(original):
+        def run(self, *args, **kwargs):
+            fn = getattr(self, "fn", None)
+            counts[getattr(fn, "__name__", "triton_kernel")] += 1
+            with _uncounted():  # the interpreter's own tensor copies are not launches
+                return original(self, *args, **kwargs)
+        return run
+
+    return _triton_runs_replaced(counting)
 
 
 @contextlib.contextmanager
@@ -195,20 +200,9 @@ def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
             "by_site": dict(sorted(sites.items(), key=lambda kv: kv[0].split(" @ ")[1]))}
 
 
-@contextlib.contextmanager
 def _stubbed_triton():
-    """Every Triton launch (the interpreter's and the compiled launcher alike) returns at once: what a step still
-    costs is the host's own work around its kernels."""
-    from triton.runtime import interpreter, jit
-
-    saved = [(cls, cls.run) for cls in (interpreter.InterpretedFunction, jit.JITFunction)]
-    for cls, _ in saved:
-        cls.run = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for cls, run in saved:
-            cls.run = run
+    """Every Triton launch returns at once: what a step still costs is the host's own work around its kernels."""
+    return _triton_runs_replaced(lambda original: lambda self, *args, **kwargs: None)
 
 
 def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True) -> float:

@@ -89,7 +89,7 @@ def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
     zsum = torch.empty(B, dtype=torch.float32, device=part_m.device)
     block = 128 if _config.interpreting() else 256
     _config.launcher(merge_kernel)[(_config.cdiv(B, block),)](part_m, part_s, part_z, lse, zsum, B, splits,
-                                                             BLOCK=block)
+                                                              BLOCK=block)
     return lse, zsum
 
 
