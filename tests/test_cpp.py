@@ -267,6 +267,18 @@ def test_cpu_fused_weight_grad_in_weight_dtype(w_dtype):
     torch.testing.assert_close(dxhat, ref[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", ["short", "dtype", "2-d"])
+def test_cpu_fused_weight_grad_rejects_bad_g_cos(bad):
+    """neg_backward_w checks its target-column gradient like lse, g_lse, g_sum: a clear error, no kernel run."""
+    from mvloss.backends import cpp  # noqa: F401  (loads the extension's ops)
+
+    x, w, x_inv, w_inv, y, thr, scale, bias, g_lse, g_sum, g_cos, _, _ = _fused_w_case("cpu", torch.float32)
+    g_cos = {"short": g_cos[:-1], "dtype": g_cos.double(), "2-d": g_cos[:, None]}[bad]
+    with pytest.raises(RuntimeError, match="g_cos"):
+        torch.ops.mvloss.neg_backward_w(x, w, x_inv, w_inv, y, thr, scale, bias, torch.zeros(B), g_lse, g_sum, g_cos,
+                                        int(Treatment.ADAPTIVE), 0.2, False, False, False, True, 1e-12, 100)
+
+
 # ------------------------------------------------------------------------------------ opcheck and torch.compile
 
 def _op_args(device="cpu", dtype=torch.float32, bias=True):
