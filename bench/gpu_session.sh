@@ -53,7 +53,7 @@ if has other; then
 fi
 if has timings; then
   stamp "timings"
-  timeout "${TIMINGS_TIMEOUT:-180}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 --C 100000 1000000 \
+  timeout "${TIMINGS_TIMEOUT:-240}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 --C 100000 1000000 \
     --out "$OUT/timings.json" > "$OUT/timings.log" 2>&1
   cat "$OUT/timings.log" | tail -n 8
 fi

@@ -5,8 +5,12 @@
     python bench/triton_gpu_timings.py --smoke              # check the script itself on a CPU (interpreter)
 
 Per shape it times, at the same dtype:
-  triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend, and the host's
-              time to issue its step (host_issue_ms: an eager step bound by its launches takes about that long);
+  triton      the full loss (mvloss.functional.arcface_loss with MV adaptive) on the Triton backend, the host's
+              time to issue its step (host_issue_ms: an eager step bound by its launches takes about that long),
+              and steady_ms, the time per step run back to back as a training loop runs them (every other
+              timing waits for the GPU after each step);
+  triton_deferred_check  the same step with the label check deferred (mvloss.set_label_check("deferred")): no
+              host sync, so back to back the host can issue a step while the GPU runs the one before;
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
   triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
   triton_candidates  the same step with the candidate kernels (CANDIDATES: MVLOSS_TRITON_FORWARD=ws,
@@ -17,7 +21,8 @@ Per shape it times, at the same dtype:
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
   chunked     the pure-PyTorch chunked backend (same loss);
   gemms       the three bare cuBLAS GEMMs the loss must do (x W^T, dZ W, dZ^T x) at the input dtype: the floor;
-  eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C).
+  eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C);
+  eager_compiled  the same head under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips).
 TFLOP/s counts 2 B C D for a forward and 8 B C D for forward+backward (one forward, one recompute, dX and dW), the
 same count for every row so the numbers compare.  Peak MB is torch.cuda.max_memory_allocated() above what was
 allocated before the step.  The device name is in every record.
@@ -108,6 +113,25 @@ def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def _steady_ms(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Milliseconds per call of fn run back to back, as a training loop runs its steps: the host may issue the next
+    call while the GPU still works on this one (the per-call timings above wait for the GPU after each call)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    for _ in range(iters):
+        fn()
+    if device.type != "cuda":
+        return 1e3 * (time.perf_counter() - t0) / iters
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def _peak_mb(fn, device: torch.device) -> float:
     if device.type != "cuda":
         fn()
@@ -140,6 +164,9 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     def peak(fn):
         return _peak_mb(fn, device)
 
+    def steady(fn):
+        return _steady_ms(fn, device, warmup, iters)
+
     def loss_step(backend):
         def step():
             x.grad = None
@@ -162,7 +189,20 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         ms_s = timed(loss_step(backend))
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)),
-                            host_issue_ms=_host_issue_ms(loss_step(backend), device, iters))
+                            host_issue_ms=_host_issue_ms(loss_step(backend), device, iters),
+                            steady_ms=steady(loss_step(backend)))
+
+    # the eager step without its one host sync (the label check deferred, mvloss.label_check), back to back and
+    # timed alone: what the sync costs a training loop
+    import mvloss.label_check as label_check
+
+    old_check = label_check.set_label_check("deferred")
+    try:
+        rec["triton_deferred_check"] = dict(fwd_bwd_ms=timed(loss_step("triton")),
+                                            steady_ms=steady(loss_step("triton")),
+                                            host_issue_ms=_host_issue_ms(loss_step("triton"), device, iters))
+    finally:
+        label_check.set_label_check(old_check)
 
     # the candidate kernels in the same full step
     if not step_only:
@@ -223,7 +263,7 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
 
         ms_c = timed(compiled_step)
         rec["triton_compiled"] = dict(fwd_bwd_ms=ms_c, fwd_bwd_tflops=step_flops / ms_c / 1e9,
-                                      peak_mb=peak(compiled_step))
+                                      peak_mb=peak(compiled_step), steady_ms=steady(compiled_step))
 
     # the bare ops (no normalisation backward, no target side)
     xd, wd = x.detach(), w.detach()
@@ -274,16 +314,27 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     if B * C * 4 * 3 <= skip_eager_above:
         import torch.nn.functional as tF
 
-        def eager():
-            x.grad = None
-            w.grad = None
+        def eager_loss(x, w, y):
             cos = tF.linear(tF.normalize(x), tF.normalize(w)).float()
             onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, y[:, None], True)
             theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
             logits = torch.where(onehot, torch.cos(theta + 0.5), cos) * 32.0
-            tF.cross_entropy(logits, y).backward()
+            return tF.cross_entropy(logits, y)
 
-        rec["eager"] = dict(fwd_bwd_ms=timed(eager), peak_mb=peak(eager))
+        def head_step(loss_fn):
+            def step():
+                x.grad = None
+                w.grad = None
+                loss_fn(x, w, y).backward()
+            return step
+
+        eager = head_step(eager_loss)
+        rec["eager"] = dict(fwd_bwd_ms=timed(eager), peak_mb=peak(eager), steady_ms=steady(eager))
+        # the same head under torch.compile: the issue's second comparator, timed per step and back to back
+        if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1":
+            compiled_head = head_step(torch.compile(eager_loss, fullgraph=True))
+            rec["eager_compiled"] = dict(fwd_bwd_ms=timed(compiled_head), steady_ms=steady(compiled_head),
+                                         peak_mb=peak(compiled_head))
     return rec
 
 
@@ -374,7 +425,8 @@ def _print_record(rec, dtype_name):
           f"{rec['triton_candidates']['fwd_bwd_ms']:.2f} ms, peak {t['peak_mb']:.0f} MB) | ops fwd {o['fwd_ms']:.2f} "
           f"(candidate {o['fwd_candidate_ms']:.2f}) bwd {o['bwd_ms']:.2f} bwd_w {o['bwd_w_ms']:.2f} (candidate "
           f"{o['bwd_w_candidate_ms']:.2f}) ms (recompute design dx {o['recompute_dx_ms']:.2f} dw "
-          f"{o['recompute_dw_ms']:.2f}) | "
+          f"{o['recompute_dw_ms']:.2f}) | back to back: {t['steady_ms']:.2f} ms, label check deferred "
+          f"{rec['triton_deferred_check']['steady_ms']:.2f} ms | "
           + (f"graphed {rec['triton_graphed']['fwd_bwd_ms']:.2f} ms | " if "triton_graphed" in rec
              else "")
           + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
@@ -385,7 +437,9 @@ def _print_record(rec, dtype_name):
           + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
           + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
           f"(x{gm['triton_over_gemms']:.2f})"
-          + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else ""), flush=True)
+          + (f" | eager {rec['eager']['fwd_bwd_ms']:.2f} ms" if "eager" in rec else "")
+          + (f" | eager compiled {rec['eager_compiled']['fwd_bwd_ms']:.2f} ms (back to back "
+             f"{rec['eager_compiled']['steady_ms']:.2f})" if "eager_compiled" in rec else ""), flush=True)
 
 
 if __name__ == "__main__":

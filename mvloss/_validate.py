@@ -1,15 +1,20 @@
-"""Input checks, in one place, before any kernel runs: bad input is a clear Python exception, never a wrong loss."""
+"""Input checks, in one place, before any kernel runs: bad input is a clear Python exception, never a wrong loss
+(the label range: ``mvloss.label_check``, where it may be deferred by choice)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from .label_check import check_label_range
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                 bias: Optional[torch.Tensor] = None) -> None:
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Raises on bad input; returns the labels to compute with (``mvloss.label_check``: with the deferred check, a
+    copy in which labels outside the range are ignore_index)."""
     for name, t in (("x", x), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -41,25 +46,4 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ig
         devices.add(bias.device)
     if len(devices) > 1:
         raise ValueError(f"x, weight, labels (and bias) must be on one device, got {sorted(map(str, devices))}")
-    check_label_range(labels, weight.shape[0], ignore_index)
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Labels in [0, num_classes) or ignore_index, else an IndexError naming the first bad one.  Needs one host sync,
-    so it is skipped where there can be none: under torch.compile and while a CUDA graph is being captured (a graph
-    replays the kernels only; check the labels of a graphed step yourself)."""
-    if labels.numel() == 0 or torch.compiler.is_compiling() or _capturing(labels):
-        return
-    # one host sync, the price of never reaching a device-side assert; when every label is a class (the common case)
-    # it costs four small launches, and only a batch with labels outside [0, C) (ignore_index rows) pays for more
-    low, high = torch.aminmax(labels)
-    if bool((low >= 0) & (high < num_classes)):
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise IndexError(f"label {first} is out of range [0, {num_classes}) and is not ignore_index={ignore_index}")
+    return check_label_range(labels, weight.shape[0], ignore_index)

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import loss as _loss
 from . import margins
-from ._validate import check_label_range
+from .label_check import check_label_range
 from .config import LossConfig
 
 __all__ = ["ClassParallelHead", "class_split", "shard_sizes", "reshard_state_dicts"]
@@ -371,7 +371,7 @@ class ClassParallelHead(nn.Module):
         grad_scale = comm.world if self.ddp_compensation else 1
         x = _GatherRows.apply(local_feats, comm, sizes, grad_scale) if comm.active else local_feats
         labels = comm.all_gather_rows(labels.long(), sizes)
-        check_label_range(labels, self.num_classes, cfg.ignore_index)
+        labels = check_label_range(labels, self.num_classes, cfg.ignore_index)
 
         valid = labels != cfg.ignore_index
         owned = valid & (labels >= self.class_start) & (labels < self.class_end)

@@ -150,11 +150,11 @@ def hard_rows(per_row: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch
 
 
 def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: str = "auto") -> torch.Tensor:
-    check_inputs(x, weight, labels, cfg.ignore_index, bias)
+    labels = check_inputs(x, weight, labels, cfg.ignore_index, bias)
     chosen = select_backend(x, weight, cfg, bias, backend)
     if not chosen.fused:
         from . import reference
-        return reference.margin_softmax_loss(x, weight, labels, cfg, bias=bias)
+        return reference.loss_of_checked(x, weight, labels, cfg, bias)
     valid, safe_labels, thr, target = target_side(x, weight, labels, cfg, bias)
     neg_labels = torch.where(valid, labels, -1)
     lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, cfg.scale, cfg, target)

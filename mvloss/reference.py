@@ -54,7 +54,11 @@ def logits(x, weight, labels, cfg: LossConfig, bias=None) -> torch.Tensor:
 
 
 def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None) -> torch.Tensor:
-    check_inputs(x, weight, labels, cfg.ignore_index, bias)
+    return loss_of_checked(x, weight, check_inputs(x, weight, labels, cfg.ignore_index, bias), cfg, bias)
+
+
+def loss_of_checked(x, weight, labels, cfg: LossConfig, bias=None) -> torch.Tensor:
+    """The loss of inputs that ``check_inputs`` passed (its labels)."""
     z = logits(x, weight, labels, cfg, bias)
     valid = labels != cfg.ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()

@@ -574,6 +574,11 @@ for dtype in (torch.bfloat16, torch.float32):
     for d in (1, 77, 512, MAX_D):
         r = compile_target_rows(dtype, d)
         assert r["spill_bytes"] == 0 and r["registers"] <= 160, r
+# the deferred label check's kernel, int64 and int32 labels
+from mvloss.triton._compile_check import compile_label_check
+for labels_dtype in ("i64", "i32"):
+    r = compile_label_check(labels_dtype)
+    assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
 print("ok")
 """
 
@@ -662,6 +667,7 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
     assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_candidate_ms"] > 0
     assert 0 < rec["triton"]["host_issue_ms"] <= 2 * rec["triton"]["fwd_bwd_ms"] + 50  # at most a step, plus noise
+    assert 0 < rec["triton"]["steady_ms"] and 0 < rec["triton_deferred_check"]["steady_ms"]
     assert "triton_tiles" not in rec  # only with --tiles
 
 
@@ -680,7 +686,8 @@ def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
-    assert set(rec) - {"triton_graphed"} == {"device", "B", "C", "D", "dtype", "tiles", "triton", "triton_tiles"}
+    assert set(rec) - {"triton_graphed"} == {"device", "B", "C", "D", "dtype", "tiles", "triton", "triton_tiles",
+                                             "triton_deferred_check"}
     ran = rec["triton_tiles"]["tiles"]
     assert rec["triton_tiles"]["fwd_bwd_ms"] > 0
     assert {k: ran["forward"][k] for k in tiles["forward"]} == tiles["forward"]

@@ -200,9 +200,27 @@ def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
             "by_site": dict(sorted(sites.items(), key=lambda kv: kv[0].split(" @ ")[1]))}
 
 
+def _label_check_stand_in(labels, safe, summary, *rest, **kwargs):
+    """The deferred label check's kernel, for good labels: the host reads its summary a call later."""
+    safe.copy_(labels)
+    summary.zero_()
+
+
+# Kernels whose outputs the host reads (so a stub must write them), and what writes them when launches are stubbed.
+_STAND_INS = {"replace_bad_labels_kernel": _label_check_stand_in}
+
+
 def _stubbed_triton():
-    """Every Triton launch returns at once: what a step still costs is the host's own work around its kernels."""
-    return _triton_runs_replaced(lambda original: lambda self, *args, **kwargs: None)
+    """Every Triton launch returns at once (a few write their outputs with a stand-in, ``_STAND_INS``): what a step
+    still costs is the host's own work around its kernels."""
+    def stub(original):
+        def run(self, *args, **kwargs):
+            stand_in = _STAND_INS.get(getattr(getattr(self, "fn", None), "__name__", ""))
+            if stand_in is not None:
+                stand_in(*args, **kwargs)
+        return run
+
+    return _triton_runs_replaced(stub)
 
 
 def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True) -> float:
@@ -253,16 +271,23 @@ def training_step(backend: str, B: int, C: int, D: int, dtype=torch.bfloat16, lo
     return step
 
 
-# (backend, C, class chunks of the Triton backward): 4 chunks is C = 100k at B = 1024 (32768 classes a chunk), 31 is
-# C = 1M; the glue per step does not depend on C otherwise.
-TABLE_CASES = (("triton", 3000, 4), ("triton", 31000, 31), ("cpu", 3000, 4), ("chunked", 3000, 4))
+# (backend, C, class chunks of the Triton backward, label check): 4 chunks is C = 100k at B = 1024 (32768 classes a
+# chunk), 31 is C = 1M; the glue per step does not depend on C otherwise.
+TABLE_CASES = (("triton", 3000, 4, "sync"), ("triton", 31000, 31, "sync"), ("triton", 3000, 4, "deferred"),
+               ("cpu", 3000, 4, "sync"), ("chunked", 3000, 4, "sync"))
 
 
-def count_case(backend: str, B: int, C: int, D: int, dtype, loss: str, chunks: int) -> dict:
+def count_case(backend: str, B: int, C: int, D: int, dtype, loss: str, chunks: int, label_check: str = "sync") -> dict:
+    from ..label_check import set_label_check
+
     os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(B, C, D, dtype, chunks))
     step = training_step(backend, B, C, D, dtype, loss)
-    step()  # warm: compiles, caches
-    return count_step(step)
+    old = set_label_check(label_check)
+    try:
+        step()  # warm: compiles, caches
+        return count_step(step)
+    finally:
+        set_label_check(old)
 
 
 def write_table(path: str, B: int, D: int, dtype, loss: str) -> int:
@@ -273,12 +298,12 @@ def write_table(path: str, B: int, D: int, dtype, loss: str) -> int:
              f"torch {torch.__version__}, {loss}, {str(dtype).replace('torch.', '')}, B={B} D={D}, counted on the "
              f"CPU with the eager-CUDA branches (Triton under the interpreter); "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             "| backend | Triton backward chunks | launches | ATen | Triton | host syncs |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for backend, C, chunks in TABLE_CASES:
-        r = count_case(backend, B, C, D, dtype, loss, chunks)
-        lines.append(f"| {backend} | {chunks if backend == 'triton' else '-'} | {r['total']} | {r['aten']} | "
-                     f"{r['triton']} | {r['syncs']} |")
+             "| backend | Triton backward chunks | label check | launches | ATen | Triton | host syncs |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for backend, C, chunks, check in TABLE_CASES:
+        r = count_case(backend, B, C, D, dtype, loss, chunks, check)
+        lines.append(f"| {backend} | {chunks if backend == 'triton' else '-'} | {check} | {r['total']} | "
+                     f"{r['aten']} | {r['triton']} | {r['syncs']} |")
         print(lines[-1], flush=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -294,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=32)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--chunks", type=int, default=4, help="class chunks of the Triton backward (4 = C 100k, B 1024)")
+    p.add_argument("--label-check", default="sync", choices=("sync", "deferred"),
+                   help="mvloss.set_label_check for the step (deferred: no host sync)")
     p.add_argument("--no-cuda-paths", action="store_true")
     p.add_argument("--sites", action="store_true", help="count by source line instead of by op")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -315,6 +342,9 @@ def main(argv=None) -> int:
     os.environ["MVLOSS_TRITON_WORKSPACE_ELEMS"] = str(workspace_for_chunks(args.B, args.C, args.D, dtype,
                                                                            args.chunks))
     step = training_step(args.backend, args.B, args.C, args.D, dtype, args.loss)
+    from ..label_check import set_label_check
+
+    set_label_check(args.label_check)
     if args.host_time:
         torch.set_num_threads(1)
         us = host_time_us(step, cuda_paths=not args.no_cuda_paths)
@@ -323,8 +353,9 @@ def main(argv=None) -> int:
 
             print(json.dumps({"host_us_per_step": us}))
         else:
-            print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks}: "
-                  f"{us:.0f} us of host time per step (Triton launches stubbed, one thread)")
+            print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks} "
+                  f"label check {args.label_check}: {us:.0f} us of host time per step (Triton launches stubbed, one "
+                  "thread)")
         return 0
     step()  # warm: compiles, caches
     result = count_step(step, cuda_paths=not args.no_cuda_paths)
@@ -333,8 +364,9 @@ def main(argv=None) -> int:
 
         print(json.dumps(result))
         return 0
-    print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks}: "
-          f"{result['total']} launches ({result['aten']} ATen, {result['triton']} Triton), {result['syncs']} syncs")
+    print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks} "
+          f"label check {args.label_check}: {result['total']} launches ({result['aten']} ATen, "
+          f"{result['triton']} Triton), {result['syncs']} syncs")
     for name, n in result["by_site" if args.sites else "by_op"].items():
         print(f"  {n:4d}  {name}")
     return 0

@@ -229,6 +229,22 @@ def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
                 **_ptxas_info(compiled.asm["ptx"], arch))
 
 
+def compile_label_check(labels_dtype: str = "i64", arch: int = 90) -> dict:
+    """Compile the deferred label check's kernel (``label_check``) as its launcher would: registers and spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .label_check import BLOCK, replace_bad_labels_kernel
+
+    sig = dict(labels_ptr="*" + labels_dtype, safe_ptr="*i64", summary_ptr="*i64", B="i32", C="i32",
+               ignore_index="i32", BLOCK="constexpr")
+    compiled = triton.compile(ASTSource(replace_bad_labels_kernel, sig, constexprs=dict(BLOCK=BLOCK)),
+                              target=GPUTarget("cuda", arch, 32))
+    return dict(kernel="label_check", labels=labels_dtype, shared=compiled.metadata.shared,
+                **_ptxas_info(compiled.asm["ptx"], arch))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mvloss.triton._compile_check")
     p.add_argument("--arch", type=int, default=90)
