@@ -1,5 +1,6 @@
 """The benchmark must not rot: its metric code, result files and --compare, and a tiny CPU run."""
 import json
+import os
 
 import pytest
 import torch
@@ -38,6 +39,37 @@ def test_measure_in_process_and_floor_ratio():
         assert by[m]["status"] == "ok" and by[m]["ms"] > 0 and by[m]["tflops"] > 0
     assert by["gemm_floor"]["floor_ratio"] == 1.0
     assert by["cce"]["status"].startswith("unavailable")
+
+
+def test_summary_has_back_to_back_column_and_label_check():
+    """The grid's rows carry steady_ms (None on a CPU, where it is ms itself); the summary prints it and the run's
+    label-check mode; --label-check sets the mode for the run."""
+    import mvloss
+
+    row = runner.measure(dict(method="mvloss:chunked", loss="mv_arc", dtype="fp32", B=8, C=300, D=16, device="cpu",
+                              **{"pass": "fwd+bwd"}), budget_s=0.05)
+    assert "steady_ms" in row and row["steady_ms"] is None
+    text = cli.summary_markdown([dict(row, steady_ms=1.25)], [], dict(device="d", torch="t", date="x", command="c",
+                                                                      label_check="deferred"))
+    assert "| back to back ms |" in text and "| 1.250 |" in text and "label check: deferred" in text
+    old, old_env = mvloss.get_label_check(), os.environ.get("MVLOSS_LABEL_CHECK")
+    try:
+        case = dict(row, method="mvloss:chunked")
+        assert cli.main(["--label-check", "deferred", "--one", json.dumps(case), "--budget", "0.01"]) == 0
+        assert mvloss.get_label_check() == "deferred" and os.environ["MVLOSS_LABEL_CHECK"] == "deferred"
+    finally:
+        mvloss.set_label_check(old)
+        if old_env is None:
+            os.environ.pop("MVLOSS_LABEL_CHECK", None)
+        else:
+            os.environ["MVLOSS_LABEL_CHECK"] = old_env
+
+
+@pytest.mark.gpu
+def test_back_to_back_timing_on_gpu():
+    row = runner.measure(dict(method="mvloss:triton", loss="mv_arc", dtype="bf16", B=64, C=3000, D=64,
+                              device="cuda", **{"pass": "fwd+bwd"}), budget_s=0.1)
+    assert row["status"] == "ok" and 0 < row["steady_ms"] < 10 * row["ms"] + 1.0, row
 
 
 def test_compiled_mvloss_method():

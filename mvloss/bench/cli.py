@@ -23,8 +23,8 @@ QUICK_GRID = dict(B=[32], D=[16], C=[500, 2000], dtype=["fp32"], loss=["mv_arc"]
 CPU_METHODS = ["mvloss:cpu", "mvloss:chunked", "reference", "eager_head", "gemm_floor"]
 GPU_METHODS = ["mvloss:triton", "mvloss:triton+compile", "mvloss:cuda", "mvloss:chunked", "reference",
                "reference_compiled", "eager_head", "eager_head_compiled", "gemm_floor", "cce", "liger"]
-FIELDS = ["method", "loss", "dtype", "B", "C", "D", "pass", "ms", "tflops", "floor_ratio", "peak_extra_mb",
-          "status", "device"]
+FIELDS = ["method", "loss", "dtype", "B", "C", "D", "pass", "ms", "steady_ms", "tflops", "floor_ratio",
+          "peak_extra_mb", "status", "device"]
 
 
 def device_name(device: torch.device) -> str:
@@ -61,6 +61,8 @@ def parse(argv=None):
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--largest-c", action="store_true", help="search the largest C that fits at B=1024, D=512")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--label-check", default=None, choices=("sync", "deferred"),
+                   help="mvloss.set_label_check for the mvloss methods (default: the environment's, sync)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one case (child process)
     return p.parse_args(argv)
 
@@ -115,7 +117,8 @@ def run_grid(args, device: torch.device) -> list[dict]:
         rows.append(row)
         # one line per case as it is measured: a run stopped by a time limit still leaves its numbers in the log
         print("row " + json.dumps({k: row.get(k) for k in ("method", "loss", "dtype", "B", "C", "D", "pass", "ms",
-                                                           "tflops", "peak_extra_mb", "status")}), flush=True)
+                                                           "steady_ms", "tflops", "peak_extra_mb", "status")}),
+              flush=True)
     add_floor_ratios(rows)
     return rows
 
@@ -154,8 +157,10 @@ def largest_c(method: str, device: torch.device, loss="mv_arc", dtype="bf16", B=
 
 def write_results(rows, extra, out_dir, device_label, command):
     os.makedirs(out_dir, exist_ok=True)
+    from ..label_check import get_label_check
+
     meta = dict(device=device_label, torch=torch.__version__, python=platform.python_version(),
-                command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), label_check=get_label_check())
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -180,12 +185,16 @@ def summary_markdown(rows, extra, meta) -> str:
     lines = [f"# mvloss benchmark on {meta['device']}", "",
              f"torch {meta['torch']}" + (f", triton {meta['triton']}" if "triton" in meta else "") +
              f", {meta['date']}", "", f"Command: `{meta['command']}`", "",
-             "| method | loss | dtype | B | C | D | pass | ms | TFLOP/s | × GEMM floor | peak extra MB | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ms: median of steps each timed alone (the GPU idle at its start and waited for at its end); back to "
+             "back: per step with ten issued in a row, as a training loop runs them (GPU only; mvloss label check: "
+             f"{meta.get('label_check', 'sync')}, `mvloss.set_label_check`).", "",
+             "| method | loss | dtype | B | C | D | pass | ms | back to back ms | TFLOP/s | × GEMM floor "
+             "| peak extra MB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['loss']} | {r['dtype']} | {r['B']} | {r['C']} | {r['D']} | {r['pass']} "
-                     f"| {_fmt(r['ms'], '.3f')} | {_fmt(r['tflops'], '.3f')} | {_fmt(r.get('floor_ratio'), '.2f')} "
-                     f"| {_fmt(r['peak_extra_mb'], '.1f')} | {r['status']} |")
+                     f"| {_fmt(r['ms'], '.3f')} | {_fmt(r.get('steady_ms'), '.3f')} | {_fmt(r['tflops'], '.3f')} "
+                     f"| {_fmt(r.get('floor_ratio'), '.2f')} | {_fmt(r['peak_extra_mb'], '.1f')} | {r['status']} |")
     if extra:
         lines += ["", "Largest C that fits (B = 1024, D = 512, bf16, MV-Arc, forward+backward):", "",
                   "| method | largest C | status |", "|---|---|---|"]
@@ -232,6 +241,11 @@ def plot(rows, out_dir) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.label_check:  # in this process and in the children that measure CPU cases
+        from ..label_check import set_label_check
+
+        set_label_check(args.label_check)
+        os.environ["MVLOSS_LABEL_CHECK"] = args.label_check
     if args.one is not None:  # child process: one case, one JSON line on stdout
         print(json.dumps(runner.measure(json.loads(args.one), args.budget)))
         return 0
@@ -251,11 +265,10 @@ def main(argv=None) -> int:
                     print("largest " + json.dumps(extra[-1]), flush=True)
         else:
             print("--largest-c searches GPU memory; skipped on CPU", file=sys.stderr)
-    write_results(rows, extra, out_dir, label, command)
+    meta = write_results(rows, extra, out_dir, label, command)
     if not args.no_plots:
         plot(rows, out_dir)
-    print(summary_markdown(rows, extra, dict(device=label, torch=torch.__version__, command=command,
-                                             date=time.strftime("%Y-%m-%d"))))
+    print(summary_markdown(rows, extra, meta))
     print(f"results written to {out_dir}/")
     if args.compare:
         slower = compare(rows, load_rows(args.compare), args.tolerance)

@@ -134,12 +134,27 @@ def measure(case: dict, budget_s: float = 2.0, max_reps: int = 50) -> dict:
         while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_reps):
             times.append(timed(step))
         ms = statistics.median(times)
+        steady = back_to_back_ms(step, min(len(times), 10)) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError:
         return dict(row, status="oom")
     except MemoryError:
         return dict(row, status="oom")
     del first
-    return dict(row, ms=ms, tflops=tflops(B, C, D, backward, ms), peak_extra_mb=max(peak, 0.0))
+    return dict(row, ms=ms, tflops=tflops(B, C, D, backward, ms), peak_extra_mb=max(peak, 0.0), steady_ms=steady)
+
+
+def back_to_back_ms(step, reps: int) -> float:
+    """Milliseconds per step with ``reps`` steps issued back to back, as a training loop issues them (``ms`` waits
+    for the GPU after each step): the host may run ahead unless the step itself syncs.  GPU only (on a CPU the two
+    are the same)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def measure_isolated(case: dict, budget_s: float = 2.0, timeout_s: float = 600.0) -> dict:
