@@ -65,7 +65,7 @@ def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int)
         host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
         host.copy_(summary, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(summary.device))  # the copy's stream: the labels' device's
         summary = host
     _checks().append((summary, event, num_classes, ignore_index))
     return safe
