@@ -74,3 +74,18 @@ def test_host_time_per_step(backend):
     assert proc.returncode == 0, proc.stderr[-3000:]
     us = json.loads(proc.stdout.strip().splitlines()[-1])["host_us_per_step"]
     assert 10 < us < 200_000, us
+
+
+def test_host_time_with_backward_gemms_stubbed():
+    """--stub-gemms leaves out the CPU's own computing of the per-chunk GEMMs (a GPU host only launches them): at 16
+    class chunks the step's host time drops well below the unstubbed one, and the launch count is unchanged."""
+    def host_us(*extra):
+        cmd = [sys.executable, "-m", "mvloss.bench.launches", "--backend", "triton", "--B", "8", "--C", "4000",
+               "--D", "8", "--chunks", "16", "--host-time", "--json", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])["host_us_per_step"]
+
+    real, stubbed = host_us(), host_us("--stub-gemms")
+    assert 10 < stubbed < 0.9 * real, (stubbed, real)

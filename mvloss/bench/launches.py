@@ -223,17 +223,37 @@ def _stubbed_triton():
     return _triton_runs_replaced(stub)
 
 
-def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True) -> float:
+@contextlib.contextmanager
+def _stubbed_gemms():
+    """The Triton backward's per-chunk GEMMs return uninitialised outputs at once: on a GPU they are cuBLAS launches,
+    on the CPU they compute (in fp32, after converting half inputs), which a GPU host never does."""
+    from ..triton import backward_gemm
+
+    old = backward_gemm._mm32, backward_gemm._addmm32_, backward_gemm._mm_same
+
+    def product(dtype):
+        return lambda a, b: torch.empty((a.shape[0], b.shape[1]), dtype=dtype or a.dtype, device=a.device)
+
+    backward_gemm._mm32, backward_gemm._mm_same = product(torch.float32), product(None)
+    backward_gemm._addmm32_ = lambda acc, a, b: None
+    try:
+        yield
+    finally:
+        backward_gemm._mm32, backward_gemm._addmm32_, backward_gemm._mm_same = old
+
+
+def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True,
+                 stub_gemms: bool = False) -> float:
     """Host microseconds per call of ``step`` (best of ``repeats`` means over ``reps`` calls) with the eager-CUDA
     branches and every Triton launch stubbed: the Python and dispatcher time of an eager step on this host, which a
     GPU step adds to its kernels wherever they wait for their launches.  Use tiny shapes: the ATen ops still compute
-    on the CPU."""
+    on the CPU (``stub_gemms``: not the Triton backward's per-chunk GEMMs)."""
     import time
 
     paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
     with paths:
         step()  # warm, with the real kernels
-        with _stubbed_triton():
+        with _stubbed_triton(), (_stubbed_gemms() if stub_gemms else contextlib.nullcontext()):
             for _ in range(20):
                 step()
             best = float("inf")
@@ -326,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--host-time", action="store_true", help="host microseconds per step (one thread, Triton "
                    "launches stubbed) instead of the launch count")
+    p.add_argument("--stub-gemms", action="store_true", help="with --host-time: the Triton backward's per-chunk "
+                   "GEMMs return at once too (the CPU computes them; a GPU host only launches them)")
     p.add_argument("--table", metavar="PATH.md", help="write the standard table (triton at 4 and 31 class chunks, "
                    "the shapes of C = 100k and 1M at B = 1024; cpu; chunked) to a Markdown file")
     args = p.parse_args(argv)
@@ -347,15 +369,15 @@ def main(argv=None) -> int:
     set_label_check(args.label_check)
     if args.host_time:
         torch.set_num_threads(1)
-        us = host_time_us(step, cuda_paths=not args.no_cuda_paths)
+        us = host_time_us(step, cuda_paths=not args.no_cuda_paths, stub_gemms=args.stub_gemms)
         if args.json:
             import json
 
             print(json.dumps({"host_us_per_step": us}))
         else:
             print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks} "
-                  f"label check {args.label_check}: {us:.0f} us of host time per step (Triton launches stubbed, one "
-                  "thread)")
+                  f"label check {args.label_check}: {us:.0f} us of host time per step (Triton launches "
+                  f"{'and backward GEMMs ' if args.stub_gemms else ''}stubbed, one thread)")
         return 0
     step()  # warm: compiles, caches
     result = count_step(step, cuda_paths=not args.no_cuda_paths)

@@ -179,6 +179,11 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
 
 
+def _mm_same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the inputs' dtype (fp32 accumulation, one rounding)."""
+    return torch.mm(a, b)
+
+
 _addmm_fp32_out = True  # cleared if this torch rejects addmm(fp32 acc, half, half, out_dtype=fp32)
 
 
@@ -270,7 +275,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dxhat = _mm32(g, w[c0:c1])
         else:
             _addmm32_(dxhat, g, w[c0:c1])
-        dw_c = torch.mm(g.T, xhat) if bf16_chunk else _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
+        dw_c = _mm_same(g.T, xhat) if bf16_chunk else _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
         if scale_g:
             dw_c *= big_n
         if finish_w is None:
