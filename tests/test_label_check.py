@@ -205,3 +205,15 @@ def test_cuda_deferred_step_never_syncs(backend):
             _loss_and_grads(x, w, good, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_deferred_mode_compiles_fullgraph_and_leaves_nothing_pending():
+    """Under torch.compile neither mode checks (no host code at run time): the deferred mode traces without a break
+    and gives the eager loss of good labels."""
+    x, w, y = make_inputs(B, C, D, seed=5)
+    mvloss.set_label_check("deferred")
+    eager = F.arcface_loss(x, w, y, backend="chunked", **KW)
+    mvloss.check_pending_labels()
+    compiled = torch.compile(lambda x, w, y: F.arcface_loss(x, w, y, backend="chunked", **KW), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, y), eager, rtol=1e-5, atol=1e-6)
+    assert not label_check._checks()
