@@ -116,20 +116,16 @@ def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
 def _steady_ms(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Milliseconds per call of fn run back to back, as a training loop runs its steps: the host may issue the next
     call while the GPU still works on this one (the per-call timings above wait for the GPU after each call)."""
+    from mvloss.bench.runner import back_to_back_ms
+
     for _ in range(warmup):
         fn()
-    _sync(device)
-    t0 = time.perf_counter()
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        return back_to_back_ms(fn, iters)
+    t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    if device.type != "cuda":
-        return 1e3 * (time.perf_counter() - t0) / iters
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def _peak_mb(fn, device: torch.device) -> float:

@@ -96,13 +96,18 @@ def _checks() -> list:
     return _pending.checks
 
 
+def _bad(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Where a label is outside [0, num_classes) and is not ignore_index."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+
+
 def _check_now(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     # one host sync, the price of never reaching a device-side assert; when every label is a class (the common case)
     # it costs four small launches, and only a batch with labels outside [0, C) (ignore_index rows) pays for more
     low, high = torch.aminmax(labels)
     if bool((low >= 0) & (high < num_classes)):
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    bad = _bad(labels, num_classes, ignore_index)
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise IndexError(f"label {first} is out of range [0, {num_classes}) and is not ignore_index={ignore_index}")
@@ -117,7 +122,7 @@ def _replace_bad(labels: torch.Tensor, num_classes: int, ignore_index: int):
         part = triton_part("label_check")
         if part is not None:
             return part.replace_bad_labels(labels, num_classes, ignore_index)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    bad = _bad(labels, num_classes, ignore_index)
     safe = labels.long().masked_fill(bad, ignore_index)
     at = bad.to(torch.int32).argmax().reshape(1)  # argmax gives the first of equal maxima
     first = labels.index_select(0, at).long()  # (indexing with a 0-d tensor would read it on the host)

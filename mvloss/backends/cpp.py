@@ -53,24 +53,26 @@ if _C is not None:
                 x.new_empty((b if need_dscale else 0,), dtype=acc), x.new_empty((c if need_dbias else 0,), dtype=acc))
 
 
+def _op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias, *row_vectors):
+    """The ops' leading tensor arguments as their schemas take them: the per-row and per-class vectors (and any
+    further per-row vectors) in the compute dtype, labels int64."""
+    acc = compute_dtype(x)
+    return (x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc),
+            None if bias is None else bias.to(acc), *(v.to(acc) for v in row_vectors))
+
+
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None, **kw):
     """(lse, zsum) of the negatives contract, via torch.ops.mvloss.neg_forward."""
-    acc = compute_dtype(x)
-    bias = None if bias is None else bias.to(acc)
-    return torch.ops.mvloss.neg_forward(x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc),
-                                        scale.to(acc), bias, int(treatment), float(param), bool(clamp),
-                                        int(chunk_size or 0))
+    return torch.ops.mvloss.neg_forward(*_op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias), int(treatment),
+                                        float(param), bool(clamp), int(chunk_size or 0))
 
 
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
              need_dscale=False, need_dbias=False, chunk_size=None, **kw):
     """(dxhat, dwhat, dscale | None, dbias | None), via torch.ops.mvloss.neg_backward."""
-    acc = compute_dtype(x)
-    bias = None if bias is None else bias.to(acc)
     dxhat, dwhat, dscale, dbias = torch.ops.mvloss.neg_backward(
-        x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc), bias, lse.to(acc),
-        g_lse.to(acc), g_sum.to(acc), int(treatment), float(param), bool(clamp), bool(need_dscale),
-        bool(need_dbias), int(chunk_size or 0))
+        *_op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum), int(treatment), float(param),
+        bool(clamp), bool(need_dscale), bool(need_dbias), int(chunk_size or 0))
     return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 
@@ -79,12 +81,10 @@ def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g
     """The backward of a training step, via torch.ops.mvloss.neg_backward_w: (dxhat, dW in W's dtype, dscale | None,
     dbias | None), the target column's gradient g_cos in both, dW through the normalisation backward one class chunk
     at a time (no C x D fp32 buffer)."""
-    acc = compute_dtype(x)
-    bias = None if bias is None else bias.to(acc)
     dxhat, dw, dscale, dbias = torch.ops.mvloss.neg_backward_w(
-        x, w, x_inv.to(acc), w_inv.to(acc), labels.long(), thr.to(acc), scale.to(acc), bias, lse.to(acc),
-        g_lse.to(acc), g_sum.to(acc), g_cos.to(acc), int(treatment), float(param), bool(clamp), bool(need_dscale),
-        bool(need_dbias), bool(normalize_w), float(eps), int(chunk_size or 0))
+        *_op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos), int(treatment),
+        float(param), bool(clamp), bool(need_dscale), bool(need_dbias), bool(normalize_w), float(eps),
+        int(chunk_size or 0))
     return dxhat, dw, (dscale if need_dscale else None), (dbias if need_dbias else None)
 
 
