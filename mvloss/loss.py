@@ -8,6 +8,7 @@ finish    (O(B), PyTorch autograd):    -log p_y = softplus(lse_neg - z_y), label
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -38,14 +39,26 @@ def update_tau(cfg: LossConfig, cos_y: torch.Tensor, valid: torch.Tensor) -> Non
         cfg.t.mul_(1.0 - cfg.tau_momentum).add_(cfg.tau_momentum * mean.to(cfg.t.dtype))
 
 
-def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]):
+def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor], kernels=None):
     """The pre-pass, without a graph (the negatives pass returns cos_y with its gradient):
     (valid, safe_labels, thr, target) where target = (x-hat, w-hat_y, raw cos_y with 0 on ignored rows), handed to
-    the negatives pass so it does not gather and normalise the rows again."""
+    the negatives pass so it does not gather and normalise the rows again.  ``kernels``: ``target_kernels``."""
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
     target = target_rows_of(x, weight, safe_labels, valid, cfg)
+    if kernels is not None and cfg.mv != "none" and cfg.interclass_filtering_threshold <= 0:
+        return valid, safe_labels, kernels.thresholds(target[2], cfg), target
     return valid, safe_labels, mask_thresholds(margins.clamp_cos(target[2], cfg), valid, cfg), target
+
+
+def target_kernels(x, cfg: LossConfig, bias: Optional[torch.Tensor]):
+    """``mvloss.triton.target_loss`` when its kernels compute this call's per-row target side (eager CUDA tensors,
+    a configuration it supports: three launches instead of about sixty ops), else None.  MVLOSS_TARGET_KERNELS=0:
+    the PyTorch ops always."""
+    if not autograd.triton_glue(x) or os.environ.get("MVLOSS_TARGET_KERNELS", "1") == "0":
+        return None
+    part = autograd.triton_part("target_loss")
+    return part if part is not None and part.supports(cfg, x, bias) else None
 
 
 def target_rows_of(x, weight, safe_labels, has, cfg: LossConfig):
@@ -155,9 +168,12 @@ def margin_softmax_loss(x, weight, labels, cfg: LossConfig, bias=None, backend: 
     if not chosen.fused:
         from . import reference
         return reference.loss_of_checked(x, weight, labels, cfg, bias)
-    valid, safe_labels, thr, target = target_side(x, weight, labels, cfg, bias)
+    kernels = target_kernels(x, cfg, bias)
+    valid, safe_labels, thr, target = target_side(x, weight, labels, cfg, bias, kernels)
     neg_labels = torch.where(valid, labels, -1)
     lse_neg, zsum_neg, cos_y = negatives_pass(chosen, x, weight, bias, neg_labels, thr, cfg.scale, cfg, target)
+    if kernels is not None:
+        return kernels.TargetLossFunction.apply(cos_y, lse_neg, labels, cfg)
     z_y, _ = target_logits(margins.clamp_cos(cos_y, cfg), cfg, x)
     if bias is not None:
         z_y = z_y + bias[safe_labels].to(z_y.dtype)

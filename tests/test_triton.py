@@ -295,11 +295,12 @@ def test_autograd_one_pass_norm_backward(dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])  # 0: the target side's kernels too (mvloss/triton/target_loss.py)
 @pytest.mark.parametrize("backend", ["triton", "chunked", "cpu"])
-def test_eager_cuda_glue_kernels_give_the_same_loss(monkeypatch, backend):
+def test_eager_cuda_glue_kernels_give_the_same_loss(monkeypatch, backend, smoothing):
     """With ``mvloss.autograd.triton_glue`` on (what eager CUDA tensors get: both inverse norms in one Triton kernel,
-    the one-pass normalisation backward), any backend still matches the reference; forced on for CPU tensors under
-    the interpreter, natural on a GPU."""
+    the one-pass normalisation backward, the target side's kernels), any backend still matches the reference;
+    forced on for CPU tensors under the interpreter, natural on a GPU."""
     from mvloss import autograd, dispatch
 
     if backend == "cpu" and DEVICE == "cuda":
@@ -309,7 +310,7 @@ def test_eager_cuda_glue_kernels_give_the_same_loss(monkeypatch, backend):
     monkeypatch.setattr(autograd, "triton_glue", lambda t: t.dtype != torch.float64)
     kw = FAMILIES["mv_arc_adaptive"]
     x, w, y = inputs(kw, c=C_BIG)
-    assert_matches_reference(x, w.T.contiguous().T, y, backend, label_smoothing=0.1, **kw)
+    assert_matches_reference(x, w.T.contiguous().T, y, backend, label_smoothing=smoothing, **kw)
 
 
 def test_triton_learnable_scale_and_bias():
@@ -578,6 +579,10 @@ for dtype in (torch.bfloat16, torch.float32):
 from mvloss.triton._compile_check import compile_label_check
 for labels_dtype in ("i64", "i32"):
     r = compile_label_check(labels_dtype)
+    assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
+# the target side's three kernels (thresholds, loss, its backward)
+from mvloss.triton._compile_check import compile_target_loss
+for r in compile_target_loss():
     assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
 print("ok")
 """

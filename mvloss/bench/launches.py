@@ -184,13 +184,15 @@ def _uncounted():
 
 
 def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
-    """Runs ``step`` (forward and backward) once and returns {"aten": n, "triton": n, "total": n, "syncs": n,
-    "by_op": {...}}."""
+    """Runs ``step`` (forward and backward) once uncounted, to warm what a step does once per process, then once
+    counted, and returns {"aten": n, "triton": n, "total": n, "syncs": n, "by_op": {...}}."""
     counter = LaunchCounter()
     triton_counts: collections.Counter = collections.Counter()
     paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
-    with paths, _counting_triton(triton_counts), counter:
+    with paths:
         step()
+        with _counting_triton(triton_counts), counter:
+            step()
     by_op = dict(counter.ops)
     by_op.update({f"triton:{k}": v for k, v in triton_counts.items()})
     aten, trit = sum(counter.ops.values()), sum(triton_counts.values())

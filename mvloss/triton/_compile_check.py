@@ -245,6 +245,37 @@ def compile_label_check(labels_dtype: str = "i64", arch: int = 90) -> dict:
                 **_ptxas_info(compiled.asm["ptx"], arch))
 
 
+def compile_target_loss(arch: int = 90) -> list:
+    """Compile the target side's three kernels (``target_loss``) for the most general configuration (ArcFace with
+    the insightface fallback, m3, clamp, mean): registers and spills of each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import target_loss as tl_mod
+
+    out = []
+    meta = dict(CLAMP=True, CLAMP_AT_BOUNDS=False, ARC=True, FALLBACK=1, HAS_M3=True, M3_POSITIVE=True,
+                BLOCK=tl_mod.BLOCK)
+    for kernel, extra in ((tl_mod.thresholds_kernel, {}), (tl_mod.loss_kernel, dict(REDUCTION=2)),
+                          (tl_mod.loss_backward_kernel, dict(REDUCTION=2, STRAIGHT=False))):
+        consts = {**meta, **extra}
+        sig = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = {"labels_ptr": "*i64", "count_ptr": "*i32"}.get(name, "*fp32")
+            elif name in ("B", "ignore_index"):
+                sig[name] = "i32"
+            else:
+                sig[name] = "fp32"
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+        out.append(dict(kernel=kernel.fn.__name__,
+                        shared=compiled.metadata.shared, **_ptxas_info(compiled.asm["ptx"], arch)))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mvloss.triton._compile_check")
     p.add_argument("--arch", type=int, default=90)
