@@ -4,6 +4,8 @@ pre-pass  (O(B*D), PyTorch autograd): cos_y, the target logit z_y = s f(cos_y) (
 negatives (O(B*C*D), a backend):      lse_i and zsum_i over k != y_i       (see mvloss.negatives)
 finish    (O(B), PyTorch autograd):    -log p_y = softplus(lse_neg - z_y), label smoothing, focal, hard mining,
                                       reduction
+On eager CUDA tensors the O(B) parts run as a few Triton kernels where they can (``target_kernels``, ``autograd``'s
+glue); the PyTorch ops here define them.
 """
 from __future__ import annotations
 
