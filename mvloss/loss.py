@@ -48,9 +48,7 @@ def target_side(x, weight, labels, cfg: LossConfig, bias: Optional[torch.Tensor]
     valid = labels != cfg.ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
     target = target_rows_of(x, weight, safe_labels, valid, cfg)
-    if kernels is not None and cfg.mv != "none" and cfg.interclass_filtering_threshold <= 0:
-        return valid, safe_labels, kernels.thresholds(target[2], cfg), target
-    return valid, safe_labels, mask_thresholds(margins.clamp_cos(target[2], cfg), valid, cfg), target
+    return valid, safe_labels, mask_thresholds(margins.clamp_cos(target[2], cfg), valid, cfg, kernels), target
 
 
 def target_kernels(x, cfg: LossConfig, bias: Optional[torch.Tensor]):
@@ -76,14 +74,17 @@ def target_rows_of(x, weight, safe_labels, has, cfg: LossConfig):
         return xhat, what_y, torch.where(has, (xhat * what_y).sum(1), 0.0)
 
 
-def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Moves CurricularFace's tau (once per call), then thr_i of the negatives' mask (detached)."""
+def mask_thresholds(cos_y: torch.Tensor, valid: torch.Tensor, cfg: LossConfig, kernels=None) -> torch.Tensor:
+    """Moves CurricularFace's tau (once per call), then thr_i of the negatives' mask (detached); a margin threshold
+    by one launch with ``kernels`` (``target_kernels``)."""
     cos_y = cos_y.detach()
     update_tau(cfg, cos_y, valid)
     if cfg.interclass_filtering_threshold > 0:
         return torch.full_like(cos_y, cfg.interclass_filtering_threshold)
     if cfg.mv == "none":
         return torch.full_like(cos_y, math.inf)
+    if kernels is not None:
+        return kernels.thresholds(cos_y, cfg)
     return margins.mask_threshold(cos_y, margins.margin_target(cos_y, cfg), cfg)
 
 

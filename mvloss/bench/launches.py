@@ -306,8 +306,7 @@ def count_case(backend: str, B: int, C: int, D: int, dtype, loss: str, chunks: i
     step = training_step(backend, B, C, D, dtype, loss)
     old = set_label_check(label_check)
     try:
-        step()  # warm: compiles, caches
-        return count_step(step)
+        return count_step(step)  # which warms the step first
     finally:
         set_label_check(old)
 
@@ -381,8 +380,7 @@ def main(argv=None) -> int:
                   f"label check {args.label_check}: {us:.0f} us of host time per step (Triton launches "
                   f"{'and backward GEMMs ' if args.stub_gemms else ''}stubbed, one thread)")
         return 0
-    step()  # warm: compiles, caches
-    result = count_step(step, cuda_paths=not args.no_cuda_paths)
+    result = count_step(step, cuda_paths=not args.no_cuda_paths)  # which warms the step first
     if args.json:
         import json
 

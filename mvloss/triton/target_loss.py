@@ -172,7 +172,7 @@ def _margin_args(cfg, with_fallbacks: bool) -> tuple[tuple, dict]:
 
 
 def thresholds(cos_y: torch.Tensor, cfg) -> torch.Tensor:
-    """thr_i of the MV mask from the raw target cosines (``loss.mask_thresholds`` for a margin threshold)."""
+    """thr_i of the MV mask from the target cosines (``loss.mask_thresholds`` for a margin threshold)."""
     B = cos_y.shape[0]
     thr = torch.empty(B, dtype=torch.float32, device=cos_y.device)
     if B:
@@ -196,19 +196,18 @@ class TargetLossFunction(torch.autograd.Function):
         loss_kernel[(1,)](cos_y, lse_neg, labels, per_row, out, count, B, int(cfg.ignore_index), float(cfg.scale),
                           *args, REDUCTION=red, BLOCK=BLOCK, **meta)
         ctx.save_for_backward(cos_y, lse_neg, labels, count)
-        ctx.cfg = cfg
+        ctx.launch = (int(cfg.ignore_index), float(cfg.scale), args, dict(meta, REDUCTION=red),
+                      cfg.target_grad == "straight_through")
         return per_row if red == 0 else out
 
     @staticmethod
     def backward(ctx, g):
         cos_y, lse_neg, labels, count = ctx.saved_tensors
-        cfg = ctx.cfg
+        ignore_index, scale, args, meta, straight = ctx.launch
         B = cos_y.shape[0]
-        args, meta = _margin_args(cfg, True)
         g_cos, g_lse = torch.empty_like(cos_y), torch.empty_like(cos_y)
         if B:
             loss_backward_kernel[(_config.cdiv(B, BLOCK),)](
-                cos_y, lse_neg, labels, count, g.float().contiguous(), g_cos, g_lse, B, int(cfg.ignore_index),
-                float(cfg.scale), *args, STRAIGHT=cfg.target_grad == "straight_through",
-                REDUCTION=_REDUCTION[cfg.reduction], BLOCK=BLOCK, **meta)
+                cos_y, lse_neg, labels, count, g.float().contiguous(), g_cos, g_lse, B, ignore_index, scale, *args,
+                STRAIGHT=straight, BLOCK=BLOCK, **meta)
         return g_cos, g_lse, None, None
