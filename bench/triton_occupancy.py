@@ -17,7 +17,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiles for the GPU, not the interp
 import torch  # noqa: E402
 
 
-def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
+def rows(B: int, D: int, dtype: torch.dtype, step: bool = False, table_only: bool = False) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from triton_sweep import DLOGITS_BY_MODE, FORWARD_BY_MODE
 
@@ -27,9 +27,9 @@ def rows(B: int, D: int, dtype: torch.dtype) -> list[dict]:
     for kernel, configs in (("fwd", FORWARD_BY_MODE["tiles"]), ("fwd_tma", FORWARD_BY_MODE["tma"]),
                             ("fwd_ws", FORWARD_BY_MODE["ws"]), ("dlogits", DLOGITS_BY_MODE["tiles"]),
                             ("dlogits_tma", DLOGITS_BY_MODE["tma"]), ("dlogits_ws", DLOGITS_BY_MODE["ws"])):
-        for cfg in [None] + configs:
+        for cfg in [None] + ([] if table_only else configs):
             try:
-                r = compile_kernel(kernel, dtype, B, D, config=cfg)
+                r = compile_kernel(kernel, dtype, B, D, config=cfg, training_step=step)
             except Exception as exc:  # a form this Triton cannot compile with these tiles (3.8: ws with 128 rows)
                 r = dict(kernel=kernel, config=cfg, error=f"{type(exc).__name__}: {str(exc).strip()[:80]}")
             r["table"] = cfg is None
@@ -47,10 +47,14 @@ NAMES = {"fwd": "forward", "fwd_tma": "forward, tma", "fwd_ws": "forward, ws", "
          "dlogits_tma": "recompute (dlogits), tma", "dlogits_ws": "recompute (dlogits), ws"}
 
 
-def markdown(records: list[dict], B: int, D: int, dtype: str, command: str) -> str:
+def markdown(records: list[dict], B: int, D: int, dtype: str, command: str, step: bool = False) -> str:
     import triton
 
+    flags = ("the flags of a training step of a fixed-scale loss without bias or label smoothing (no bias, no "
+             "dscale / dbias partials, no logit sum or its gradient)" if step else
+             "every optional output on (bias, dscale and dbias partials, the logit sum and its gradient)")
     lines = [f"# Occupancy of the Triton kernels' tiles on sm_90 (compiled, no GPU): {dtype}, B = {B}, D = {D}", "",
+             f"Kernels compiled with {flags}.", "",
              f"Command: `{command}`  ", f"torch {torch.__version__}, triton {triton.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Programs per SM from registers (64K a SM, "
              "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program); SASS "
@@ -86,10 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--step", action="store_true", help="compile with a training step's flags (MV-Arc: no bias, no "
+                   "dscale / dbias, no logit sum) instead of every optional output")
+    p.add_argument("--table-only", action="store_true", help="only the tiles the table picks, not the sweep's")
     a = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    text = markdown(rows(a.B, a.D, dtype), a.B, a.D, a.dtype,
-                    "python bench/triton_occupancy.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    text = markdown(rows(a.B, a.D, dtype, a.step, a.table_only), a.B, a.D, a.dtype,
+                    "python bench/triton_occupancy.py " + " ".join(sys.argv[1:] if argv is None else argv), a.step)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)

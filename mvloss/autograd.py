@@ -182,21 +182,25 @@ class NegativesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend, treatment, param, clamp,
-                normalize_x, normalize_w, eps, chunk_size):
+                normalize_x, normalize_w, eps, chunk_size, need_zsum):
         # fp32 inside whatever autocast says: backends see the input dtypes and choose their own GEMM precision
         with torch.autocast(x.device.type, enabled=False):
             return NegativesFunction._forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend,
-                                              treatment, param, clamp, normalize_x, normalize_w, eps, chunk_size)
+                                              treatment, param, clamp, normalize_x, normalize_w, eps, chunk_size,
+                                              need_zsum)
 
     @staticmethod
     def _forward(ctx, x, w, scale, bias, labels, thr, xhat, what_y, cos_y, backend, treatment, param, clamp,
-                 normalize_x, normalize_w, eps, chunk_size):
+                 normalize_x, normalize_w, eps, chunk_size, need_zsum):
         vec_dtype = compute_dtype(x)
         x_inv, w_inv = inv_norms_pair(x, w, normalize_x, normalize_w, eps, vec_dtype)
         scale = scale.to(vec_dtype)
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
         lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
-                                    bool(clamp), **kwargs)
+                                    bool(clamp), need_zsum=bool(need_zsum), **kwargs)
+        # an unused output's gradient stays None instead of a tensor of zeros: with need_zsum off, the backward's
+        # g_sum is None and the backends skip it
+        ctx.set_materialize_grads(False)
         cos_y = cos_y.clone()  # an output of its own, not the caller's tensor
         # the target rows ride to the backward (2 x B x D) for backends without a fused weight gradient
         ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y)
@@ -212,14 +216,14 @@ class NegativesFunction(torch.autograd.Function):
     def _backward(ctx, g_lse, g_sum, g_cos):
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
-        g_sum = torch.zeros_like(lse) if g_sum is None else g_sum
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype)
+        g_sum = None if g_sum is None else g_sum.to(lse.dtype)  # None: zero, which the backends skip
         need_dscale = ctx.needs_input_grad[2]
         need_dbias = bias is not None and ctx.needs_input_grad[3]
         if ctx.needs_input_grad[1] and (backend.backward_fused_w is not None or _chunk_w_grad(w)):
             return NegativesFunction._backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias)
         dxhat, dwhat, dscale, dbias = backend.backward(
-            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype),
+            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum,
             treatment, param, clamp, need_dscale, need_dbias, **kwargs)
         if g_cos is not None:  # the target column: O(B*D), in place
             dt = x_inv.dtype
@@ -230,7 +234,7 @@ class NegativesFunction(torch.autograd.Function):
         dx = normalization_backward(dxhat, x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dw = normalization_backward(dwhat, w, w_inv, eps, normalize_w) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
-        return (dx, dw, dscale, dbias) + (None,) * 13
+        return (dx, dw, dscale, dbias) + (None,) * 14
 
     @staticmethod
     def _backward_fused_w(ctx, g_lse, g_sum, g_cos, need_dscale, need_dbias):
@@ -243,8 +247,8 @@ class NegativesFunction(torch.autograd.Function):
         g = torch.zeros_like(lse) if g_cos is None else g_cos.to(lse.dtype)
         fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward, xhat, what_y)
         dxhat, dw, dscale, dbias = fused(
-            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse.to(lse.dtype), g_sum.to(lse.dtype), g,
+            x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g,
             treatment, param, clamp, need_dscale, need_dbias, normalize_w, eps, **kwargs)
         dx = normalization_backward(dxhat.to(dt), x, x_inv, eps, normalize_x) if ctx.needs_input_grad[0] else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
-        return (dx, dw, dscale, dbias) + (None,) * 13
+        return (dx, dw, dscale, dbias) + (None,) * 14

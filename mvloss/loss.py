@@ -110,14 +110,15 @@ def select_backend(x, weight, cfg: LossConfig, bias, backend: str) -> dispatch.B
 
 
 def negatives_pass(chosen: dispatch.Backend, x, weight, bias, neg_labels, thr, scale, cfg: LossConfig, target):
-    """(lse_neg, zsum_neg, cos_y) over every class k != neg_labels_i (-1: none excluded) with a fused backend;
-    cos_y is the raw target cosine (0 where neg_labels is -1), differentiable.  ``target``: the pre-pass's
-    (x-hat, w-hat_y, cos_y) for these labels (``target_rows_of``).  ``scale``: a number or a 0-d tensor."""
+    """(lse_neg, zsum_neg, cos_y) over every class k != neg_labels_i (-1: none excluded) with a fused backend
+    (zsum_neg only with label smoothing, its one reader: 0 otherwise); cos_y is the raw target cosine (0 where
+    neg_labels is -1), differentiable.  ``target``: the pre-pass's (x-hat, w-hat_y, cos_y) for these labels
+    (``target_rows_of``).  ``scale``: a number or a 0-d tensor."""
     scale_vec = _scale_vector(scale, x.shape[0], x)
     return NegativesFunction.apply(
         x, weight, scale_vec, bias, neg_labels.long().contiguous(), thr.to(scale_vec.dtype).contiguous(), *target,
         chosen, cfg.treatment, cfg.treatment_param(), cfg.clamp_cos, cfg.normalize_x, cfg.normalize_w, cfg.eps,
-        cfg.chunk_size)
+        cfg.chunk_size, cfg.label_smoothing > 0)
 
 
 def negatives_nll(lse_neg: torch.Tensor, z_y: torch.Tensor) -> torch.Tensor:

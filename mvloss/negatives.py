@@ -11,9 +11,10 @@ cosine matrix that is *not* a row's target column.  With
 for every class k != labels_i (a label of -1 excludes no column), a backend computes
 
     forward:  lse_i  = logsumexp_{k != y_i} z_ik        (-inf when there is no negative)
-              zsum_i = sum_{k != y_i} z_ik               (only label smoothing needs it)
+              zsum_i = sum_{k != y_i} z_ik               (only label smoothing needs it: with the keyword
+                                                          ``need_zsum=False`` a backend may return 0 instead)
 
-and, given per-row upstream gradients ``g_lse`` and ``g_sum`` (zero on ignored rows),
+and, given per-row upstream gradients ``g_lse`` and ``g_sum`` (zero on ignored rows; ``g_sum`` None means zero),
 
     dz_ik    = g_lse_i * exp(z_ik - lse_i) + g_sum_i     (k != y_i; 0 on the target column)
     dc_ik    = dz_ik * scale_i * (h'(c_ik) if c_ik > thr_i else 1) * (0 if clamped away else 1)

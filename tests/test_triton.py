@@ -544,6 +544,27 @@ import torch
 from mvloss.triton._compile_check import SHARED_LIMIT, compile_kernel
 cases = [(torch.bfloat16, 1024, 512), (torch.bfloat16, 7, 77), (torch.float16, 64, 1000), (torch.float32, 300, 128),
          (torch.float32, 64, 40)]
+
+
+def check(kernel, dtype, b, d, r):
+    assert r["shared"] <= SHARED_LIMIT, r
+    # rows a multiple of 16 elements: loads go through asynchronous copies (the software pipeline), and bf16 dots
+    # through warp-group MMA
+    assert r["async_copies"] > 0 or d % 16, r
+    if dtype == torch.bfloat16 and b == 1024:
+        assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
+        # the ws form's table tile is warp-specialised (a producer group and two consumer groups: 12 warps),
+        # its rows split between the groups (x copied in two halves, plus W: 3 TMA copies)
+        ws = kernel in ("fwd_ws", "dlogits_ws")
+        assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
+        assert not ws or r["tma_copies"] == 3, r
+    assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
+    # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
+    # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
+    # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
+    assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128}.get(kernel, 64), r
+
+
 for dtype, b, d in cases:
     for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma",
                    "dlogits_ws", "dx", "dw"):
@@ -551,23 +572,10 @@ for dtype, b, d in cases:
             continue
         if kernel in ("fwd_tma", "fwd_ws", "dlogits_tma", "dlogits_ws") and d % 4:
             continue  # rows a TMA descriptor cannot describe: the launcher takes the pointer kernel
-        r = compile_kernel(kernel, dtype, b, d, arch=90)
-        assert r["shared"] <= SHARED_LIMIT, r
-        # rows a multiple of 16 elements: loads go through asynchronous copies (the software pipeline), and bf16 dots
-        # through warp-group MMA
-        assert r["async_copies"] > 0 or d % 16, r
-        if dtype == torch.bfloat16 and b == 1024:
-            assert r["wgmma"] > 0 or kernel in ("dx", "dw"), r
-            # the ws form's table tile is warp-specialised (a producer group and two consumer groups: 12 warps),
-            # its rows split between the groups (x copied in two halves, plus W: 3 TMA copies)
-            ws = kernel in ("fwd_ws", "dlogits_ws")
-            assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
-            assert not ws or r["tma_copies"] == 3, r
-        assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
-        # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
-        # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
-        # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
-        assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128}.get(kernel, 64), r
+        # the table shape also with a training step's flags (no bias, dscale, dbias or logit sum)
+        for step in ((False, True) if (dtype, b, d) == cases[0] else (False,)):
+            r = compile_kernel(kernel, dtype, b, d, arch=90, training_step=step)
+            check(kernel, dtype, b, d, r)
 # the eager-CUDA glue kernel of the pre-pass, from the narrowest rows to the widest it takes
 from mvloss.triton._compile_check import compile_target_rows
 from mvloss.triton.target_rows import MAX_D

@@ -36,7 +36,7 @@ def _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias, treatment, p
     return what, raw, c, hard, u, z, is_target
 
 
-def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None):
+def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk_size=None, need_zsum=True):
     dt = compute_dtype(x)
     B, C = x.shape[0], w.shape[0]
     xhat = x.to(dt) * x_inv[:, None].to(dt)
@@ -49,8 +49,8 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
         c1 = min(C, c0 + step)
         _, _, _, _, _, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
                                                     treatment, param, clamp)
-        # out of place: torch 2.11's dynamo drops the gradient of an autograd.Function output mutated in place
-        zsum = zsum + torch.where(is_target, 0.0, z).sum(1)
+        if need_zsum:  # out of place: torch 2.11's dynamo drops the gradient of a Function output mutated in place
+            zsum = zsum + torch.where(is_target, 0.0, z).sum(1)
         z = z.masked_fill(is_target, float("-inf"))
         new_max = torch.maximum(run_max, z.amax(1))
         safe = torch.where(torch.isfinite(new_max), new_max, 0.0)
@@ -66,7 +66,8 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     B, C = x.shape[0], w.shape[0]
     xhat = x.to(dt) * x_inv[:, None].to(dt)
     thr, scale, lse = thr.to(dt), scale.to(dt), lse.to(dt)
-    g_lse, g_sum = g_lse.to(dt), g_sum.to(dt)
+    g_lse = g_lse.to(dt)
+    g_sum = torch.zeros_like(g_lse) if g_sum is None else g_sum.to(dt)
     dxhat = torch.zeros(B, x.shape[1], dtype=dt, device=x.device)
     dwhat = torch.empty(C, x.shape[1], dtype=dt, device=x.device)
     dscale = torch.zeros(B, dtype=dt, device=x.device) if need_dscale else None

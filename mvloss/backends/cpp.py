@@ -70,6 +70,7 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
              need_dscale=False, need_dbias=False, chunk_size=None, **kw):
     """(dxhat, dwhat, dscale | None, dbias | None), via torch.ops.mvloss.neg_backward."""
+    g_sum = torch.zeros_like(g_lse) if g_sum is None else g_sum
     dxhat, dwhat, dscale, dbias = torch.ops.mvloss.neg_backward(
         *_op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum), int(treatment), float(param),
         bool(clamp), bool(need_dscale), bool(need_dbias), int(chunk_size or 0))
@@ -81,6 +82,7 @@ def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g
     """The backward of a training step, via torch.ops.mvloss.neg_backward_w: (dxhat, dW in W's dtype, dscale | None,
     dbias | None), the target column's gradient g_cos in both, dW through the normalisation backward one class chunk
     at a time (no C x D fp32 buffer)."""
+    g_sum = torch.zeros_like(g_lse) if g_sum is None else g_sum
     dxhat, dw, dscale, dbias = torch.ops.mvloss.neg_backward_w(
         *_op_inputs(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos), int(treatment),
         float(param), bool(clamp), bool(need_dscale), bool(need_dbias), bool(normalize_w), float(eps),

@@ -99,12 +99,13 @@ def _load_ops() -> None:
         _ops_loaded = True
 
 
-def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, **kwargs):
-    """The contract's forward -> (lse, zsum) fp32 (B,).  ``chunk_size`` and other backend keywords are ignored."""
+def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, need_zsum=True, **kwargs):
+    """The contract's forward -> (lse, zsum) fp32 (B,), zsum 0 unless ``need_zsum``.  ``chunk_size`` and other
+    backend keywords are ignored."""
     if not torch.compiler.is_compiling():
         _load_ops()
     return torch.ops.mvloss.triton_neg_forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment),
-                                               float(param), bool(clamp))
+                                               float(param), bool(clamp), bool(need_zsum))
 
 
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,

@@ -126,13 +126,16 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: in
 
 
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
-                   clamp: bool = True, has_bias: bool = True, config: dict | None = None) -> dict:
+                   clamp: bool = True, has_bias: bool = True, config: dict | None = None,
+                   training_step: bool = False) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "fwd_tma" / "fwd_ws" -- the TMA
     kernel, MVLOSS_TRITON_FORWARD=tma / ws --, "dlogits" -- the default backward's
     recompute kernel --, "dlogits_persistent" / "dlogits_tma" / "dlogits_ws" -- MVLOSS_TRITON_DLOGITS=persistent /
     tma / ws --, or the recompute design's
     "dx", "dw") with the configuration _config picks for (batch, dim, dtype), or with ``config`` (tile sizes, warps
-    and stages; BLOCK_K is always _config's, so the summation order stays the forward's)."""
+    and stages; BLOCK_K is always _config's, so the summation order stays the forward's).  ``training_step``: the
+    flags a training step of a fixed-scale loss without bias or label smoothing launches with (no bias, no dscale /
+    dbias partials, no logit sum) instead of every optional output."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -159,21 +162,26 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         cfg = _config.backward_config(kernel, batch, dim, dtype)
     if config is not None:
         cfg = dict(config, BLOCK_K=cfg["BLOCK_K"])
+    has_bias = has_bias and not training_step
     consts = dict(TREATMENT=treatment, CLAMP=clamp, HAS_BIAS=has_bias, UPCAST=False,
                   PRECISION=_config.input_precision(dtype))
+    if kernel.startswith("fwd"):
+        consts["ZSUM"] = not training_step
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
     if kernel in ("fwd_tma", "fwd_ws"):
         consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
+    if not kernel.startswith("fwd"):
+        consts["GSUM"] = not training_step
     if kernel in ("dx", "dw"):
         consts["SCALE_DC"] = _config.scale_dc(dtype)
     if kernel.startswith("dlogits"):
-        consts.update(NEED_DSCALE=True, NEED_DBIAS=True, SCALE_G=dtype == torch.float16,
+        consts.update(NEED_DSCALE=not training_step, NEED_DBIAS=not training_step, SCALE_G=dtype == torch.float16,
                       TARGET=dtype != torch.float16)
         if kernel in ("dlogits_tma", "dlogits_ws"):
             # ws: without a learnable bias (its per-column partial sums over the split rows cannot be formed)
             consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
-            consts["NEED_DBIAS"] = not consts["WARP_SPECIALIZE"]
+            consts["NEED_DBIAS"] = consts["NEED_DBIAS"] and not consts["WARP_SPECIALIZE"]
             consts["LOOP"] = form == "ws"
         else:
             consts["PERSISTENT"] = kernel == "dlogits_persistent"

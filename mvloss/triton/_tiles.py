@@ -1,10 +1,15 @@
 """Shared @triton.jit helpers of the kernels: the cosine tile, the negative treatment h and h', the logit tile.
+Logits inside the kernels are in log2 units (z log2 e, the factor carried by the row scale), so each exp is a bare
+exp2; the forward's partials leave in natural units.
 
 Every helper works on fp32 tiles; loads of fp16/bf16 operands go straight to ``tl.dot`` (fp32 accumulation), or are
 upcast first when ``UPCAST`` is set (the interpreter's ``tl.dot`` is wrong on half operands).
 """
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -85,17 +90,19 @@ def treat(c, param, TREATMENT: tl.constexpr):
 
 
 @triton.jit
-def treat_grad(c, param, TREATMENT: tl.constexpr):
-    """h'(c)."""
+def dc_factor(c, hard, scale, param, TREATMENT: tl.constexpr):
+    """dc / dz = s h'(c) on hard entries, s elsewhere (the row scales times h' of mvloss.negatives); where h' is a
+    constant the product is formed per row, so an entry costs one select."""
+    s = scale[:, None]
     if TREATMENT == 2:
-        d = tl.zeros_like(c) + (param + 1.0)
+        f = tl.where(hard, s * (param + 1.0), s)
     elif TREATMENT == 3:
-        d = param + 2.0 * c
+        f = tl.where(hard, s * (param + 2.0 * c), s)
     elif TREATMENT == 4:
-        d = tl.zeros_like(c)
+        f = tl.where(hard, 0.0, s)
     else:
-        d = tl.zeros_like(c) + 1.0
-    return d
+        f = s
+    return f
 
 
 @triton.jit
@@ -109,11 +116,15 @@ def row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask):
 
 
 @triton.jit
-def row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask):
-    """The row tile's forward lse and upstream gradients of lse and of the logit sum (the backward's inputs)."""
+def row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM: tl.constexpr):
+    """The row tile's forward lse and upstream gradients of lse and of the logit sum (the backward's inputs); without
+    GSUM the logit sum has no gradient (0, nothing read)."""
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
-    g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    if GSUM:
+        g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
+    else:
+        g_sum = tl.zeros_like(g_lse)
     return lse, g_lse, g_sum
 
 
@@ -129,16 +140,17 @@ def column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def exp_ftz(v, EXACT: tl.constexpr):
-    """exp(v) of the sum-exp and the softmax tiles.  On a GPU ``ex2.approx.ftz``: the approximation tl.exp uses
-    too, with results below 2**-126 flushed to zero (they cannot move an fp32 sum that holds a 1); without ftz ptxas
-    spends three more instructions an element on them.  ``EXACT`` (the kernels' UPCAST flag: the interpreter, which
-    cannot run PTX) takes tl.exp."""
+def exp2_ftz(v, EXACT: tl.constexpr):
+    """2**v of the sum-exp and the softmax tiles, whose logits are kept in log2 units (z log2 e: the scale carries
+    the factor, so no multiply an element).  On a GPU ``ex2.approx.ftz``: the approximation tl.exp uses too, with
+    results below 2**-126 flushed to zero (they cannot move an fp32 sum that holds a 1); without ftz ptxas spends
+    three more instructions an element on them.  ``EXACT`` (the kernels' UPCAST flag: the interpreter, which cannot
+    run PTX) takes tl.exp2."""
     if EXACT:
-        out = tl.exp(v)
+        out = tl.exp2(v)
     else:
-        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v * 1.4426950408889634],
-                                        dtype=tl.float32, is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True,
+                                        pack=1)
     return out
 
 
@@ -152,7 +164,7 @@ def negatives_mask(rmask, cmask, cols, lab):
 @triton.jit
 def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr, CLAMP: tl.constexpr,
                HAS_BIAS: tl.constexpr):
-    """From the raw dot tile: (raw cos, cos, hard mask, treated u, logits z)."""
+    """From the raw dot tile: (raw cos, cos, hard mask, treated u, logits in log2 units z log2 e)."""
     raw = acc * xinv[:, None] * winv[None, :]
     if CLAMP:
         c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
@@ -160,24 +172,25 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
         c = raw
     hard = c > thr[:, None]
     u = tl.where(hard, treat(c, param, TREATMENT), c)
-    z = scale[:, None] * u
+    z2 = (scale * LOG2E)[:, None] * u
     if HAS_BIAS:
-        z = z + bias[None, :]
-    return raw, c, hard, u, z
+        z2 = z2 + (bias * LOG2E)[None, :]
+    return raw, c, hard, u, z2
 
 
 @triton.jit
-def dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
-                CLAMP: tl.constexpr, UPCAST: tl.constexpr):
-    """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives, dc = dz s (h' if hard) (clamp)."""
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    p = exp_ftz(tl.where(valid, z, float("-inf")) - lse_safe[:, None], UPCAST)
-    dz = tl.where(valid, g_lse[:, None] * p + g_sum[:, None], 0.0)
-    dc = dz * scale[:, None]
-    if TREATMENT != 0:
-        dc = dc * tl.where(hard, treat_grad(c, param, TREATMENT), 1.0)
-    if CLAMP:
-        dc = tl.where((raw >= -1.0) & (raw <= 1.0), dc, 0.0)
+def dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
+                CLAMP: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr):
+    """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
+    (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+    p = exp2_ftz(tl.where(valid, z2 - lse2[:, None], float("-inf")), UPCAST)  # 0 off the negatives
+    dz = g_lse[:, None] * p
+    if GSUM:
+        dz = tl.where(valid, dz + g_sum[:, None], 0.0)
+    dc = dz * dc_factor(c, hard, scale, param, TREATMENT)
+    if CLAMP:  # c == raw exactly where raw is in [-1, 1]
+        dc = tl.where(c == raw, dc, 0.0)
     return dz, dc
 
 
@@ -198,14 +211,24 @@ def dc_scale(g_lse, g_sum, scale, param, TREATMENT: tl.constexpr):
 
 @triton.jit
 def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
-              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-    """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped."""
+              TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """One finished cosine tile into the rows' running (max, sum-exp, sum of z), the target columns skipped, all in
+    log2 units (running_end converts): run_m = max z log2 e, run_s = sum 2**(z log2 e - run_m), run_z = sum z log2 e
+    (only with ZSUM: label smoothing is its one reader)."""
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols, lab)
-    run_z += tl.sum(tl.where(valid, z, 0.0), axis=1)
-    zm = tl.where(valid, z, float("-inf"))
+    if ZSUM:
+        run_z += tl.sum(tl.where(valid, z2, 0.0), axis=1)
+    zm = tl.where(valid, z2, float("-inf"))
     new_m = tl.maximum(run_m, tl.max(zm, axis=1))
     safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    run_s = run_s * tl.exp(run_m - safe) + tl.sum(exp_ftz(zm - safe[:, None], UPCAST), axis=1)
+    run_s = run_s * tl.exp2(run_m - safe) + tl.sum(exp2_ftz(zm - safe[:, None], UPCAST), axis=1)
     return new_m, run_s, run_z
+
+
+@triton.jit
+def running_end(run_m, run_s, run_z):
+    """The running (max, sum-exp, sum of z) in natural units: max z, sum exp(z - max z), sum z."""
+    return run_m * LN2, run_s, run_z * LN2

@@ -18,7 +18,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                   lse_ptr, g_lse_ptr, g_sum_ptr, dw_ptr, dbias_ptr, nrm_ptr,
                   B, C, D, sxb, sxd, swc, swd, param, B_BUCKET,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_DC: tl.constexpr,
+                  GSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_DC: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -42,17 +42,17 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-        lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+        lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
         xt = tl.load(x_ptr + rows64[:, None] * sxb + dcols64[None, :] * sxd,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+        raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                             UPCAST)
+        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                             GSUM, UPCAST)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)
         dcx = dc * xinv[:, None]
@@ -72,13 +72,14 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
 def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
     """max_i of the per-row bound of |dc| (see _tiles.dc_scale), a 1-element fp32 tensor (1 when it is 0); no
     host sync."""
-    n = ((g_lse.abs() + g_sum.abs()) * scale.abs()).amax().reshape(1) * treatment_derivative_bound(treatment, param)
+    g = g_lse.abs() if g_sum is None else g_lse.abs() + g_sum.abs()
+    n = (g * scale.abs()).amax().reshape(1) * treatment_derivative_bound(treatment, param)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dbias: bool):
-    """Returns (dwhat fp32 (C, D), dbias fp32 (C,) or an empty tensor)."""
+    """Returns (dwhat fp32 (C, D), dbias fp32 (C,) or an empty tensor).  ``g_sum`` None: zero."""
     B, D = x.shape
     C = w.shape[0]
     cfg = _config.backward_config("dw", B, D, x.dtype)
@@ -88,7 +89,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     nrm = dc_bound(g_lse, g_sum, scale, treatment, param) if scale_dc else dw
     kernel, fixed = _config.kernel_for(neg_dw_kernel, "backward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
-                NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
+                NEED_DBIAS=bool(need_dbias), GSUM=g_sum is not None, UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_DC=scale_dc)
     if fixed:
         meta.update(cfg)
@@ -100,7 +101,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
 
     _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-        lse, g_lse, g_sum, dw, dbias if need_dbias else dw, nrm,
+        lse, g_lse, g_lse if g_sum is None else g_sum, dw, dbias if need_dbias else dw, nrm,
         B, C, D, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
         _config.batch_bucket(B), **meta)
     return dw, dbias

@@ -19,7 +19,7 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                   lse_ptr, g_lse_ptr, g_sum_ptr, dx_ptr, dscale_ptr,
                   B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DSCALE: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_DC: tl.constexpr,
+                  GSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_DC: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -29,7 +29,7 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcols < D
     dcols64 = dcols.to(tl.int64)
@@ -52,12 +52,12 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-        raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+        raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                             UPCAST)
+        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                             GSUM, UPCAST)
         if NEED_DSCALE:
-            ds += tl.sum(tl.where(valid, dz * u, 0.0), axis=1)
+            ds += tl.sum(dz * u, axis=1)  # dz is 0 off the negatives
         dcw = dc * winv[None, :]
         if SCALE_DC:
             dcw = dcw * rnrm[:, None]  # |dc / n_i| <= 1 before it is rounded to fp16/bf16
@@ -76,7 +76,7 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dscale: bool):
-    """Returns (dxhat fp32 (B, D), dscale fp32 (B,) or an empty tensor)."""
+    """Returns (dxhat fp32 (B, D), dscale fp32 (B,) or an empty tensor).  ``g_sum`` None: zero."""
     B, D = x.shape
     C = w.shape[0]
     cfg = _config.backward_config("dx", B, D, x.dtype)
@@ -87,7 +87,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     dscale = torch.empty(lead + (B,) if need_dscale else (0,), dtype=torch.float32, device=x.device)
     kernel, fixed = _config.kernel_for(neg_dx_kernel, "backward")
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
-                NEED_DSCALE=bool(need_dscale), UPCAST=_config.interpreting(),
+                NEED_DSCALE=bool(need_dscale), GSUM=g_sum is not None, UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_DC=_config.scale_dc(x.dtype))
     if fixed:
         meta.update(cfg)
@@ -99,7 +99,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
 
     _config.launcher(kernel)[grid](
         x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-        lse, g_lse, g_sum, dx, dscale if need_dscale else dx,
+        lse, g_lse, g_lse if g_sum is None else g_sum, dx, dscale if need_dscale else dx,
         B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
         _config.batch_bucket(B), **meta)
     if splits > 1:

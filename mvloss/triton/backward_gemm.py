@@ -41,29 +41,27 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
                   g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                  UPCAST: tl.constexpr, BLOCK_C: tl.constexpr):
+                  GSUM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr):
     """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspace tile G = dc w_inv (each row
     divided by its bound with SCALE_G) and the dscale / dbias partials."""
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < c1
-    cols64 = cols.to(tl.int64)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    raw, c, hard, u, z = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols, lab)
-    dz, dc = dlogit_tile(raw, c, hard, u, z, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                         UPCAST)
+    dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                         GSUM, UPCAST)
     if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
-        dc = tl.where(cols64[None, :] == lab[:, None], g_cos[:, None], dc)
+        dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
     g = dc * winv[None, :]
     if SCALE_G:  # |dc| / row bound <= 1 before it is rounded to fp16
         g = g * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
-    local = (cols - c0).to(tl.int64)
-    out = rows64[:, None] * ldg + local[None, :]
-    tl.store(g_ptr + out, g.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher
-        tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(tl.where(valid, dz * u, 0.0), axis=1),
-                 mask=rmask)
+    local = cols - c0
+    g_rows = g_ptr + rows64 * ldg  # a pointer a row, an int32 offset an entry
+    tl.store(g_rows[:, None] + local[None, :], g.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher (dz is 0 off the negatives)
+        tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(dz * u, axis=1), mask=rmask)
     if NEED_DBIAS:  # one partial per row tile
         tl.store(db_ptr + tl.cast(pid_b, tl.int64) * ldg + local, tl.sum(dz, axis=0), mask=cmask)
 
@@ -73,7 +71,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr,
                        B, c0, c1, D, ldg, sxb, sxd, swc, swd, param,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                        PERSISTENT: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -87,7 +85,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     if PERSISTENT:
         n_prog = tl.num_programs(1)
         n_k = tl.cdiv(D, BLOCK_K)
@@ -101,7 +99,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
             if last:
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                              TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST,
+                              TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
                               BLOCK_C)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
@@ -110,7 +108,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, BLOCK_C)
 
 
 @triton.jit
@@ -118,8 +116,8 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                            lse_ptr, g_lse_ptr, g_sum_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr,
                            B, c0, c1, D, ldg, sxb, swc, param,
                            TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
-                           PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
+                           NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                            LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """MVLOSS_TRITON_DLOGITS = tma / ws: x and W tiles through TMA descriptors the program makes (tma.py): one bulk
@@ -135,7 +133,7 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
     rows = r0 + tl.arange(0, BLOCK_B)
     rmask = rows < B
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask)
+    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     if LOOP:
         for tile in tl.range(tl.program_id(1), tl.cdiv(c1 - c0, BLOCK_C), tl.num_programs(1),
                              warp_specialize=WARP_SPECIALIZE):
@@ -143,19 +141,20 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                                PRECISION)
             store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                           w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
-                          param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST,
+                          param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
                           BLOCK_C)
     else:
         tile = tl.program_id(1)
         acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                       w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, UPCAST, BLOCK_C)
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
     """Per row, a bound of |dc_ik| over k (see _tiles.dc_scale): (|g_lse| + |g_sum|) |s| max|h'|; 1 where it is 0."""
-    n = (g_lse.abs() + g_sum.abs()) * scale.abs() * treatment_derivative_bound(treatment, param)
+    g = g_lse.abs() if g_sum is None else g_lse.abs() + g_sum.abs()
+    n = g * scale.abs() * treatment_derivative_bound(treatment, param)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 
@@ -207,6 +206,7 @@ def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment: int, param: float,
            clamp: bool, need_dscale: bool, need_dbias: bool, finish_w=None):
     """Returns (dxhat fp32 (B, D), dwhat fp32 (C, D), dscale fp32 (B,) or empty, dbias fp32 (C,) or empty).
+    ``g_sum`` None: zero (the logit sum was not asked for).
 
     With ``finish_w`` = (g_cos, w_out, normalize_w, eps) -- the fused weight gradient -- the target column's
     gradient g_cos_i (at class labels_i, none where it is -1) is included in dxhat and in the weight gradient, which
@@ -246,7 +246,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     persistent = mode == "persistent" or (use_tma and mode == "ws")  # ws: each program loops over class tiles
     grid_rows = _config.cdiv(B, bb)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
-                NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), UPCAST=_config.interpreting(),
+                NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), GSUM=g_sum is not None,
+                UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None, **cfg)
     if use_tma:
         tma.ensure_allocator()
@@ -267,8 +268,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
         kernel[(grid_rows, class_programs)](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-            lse, g_lse, g_sum, g_cos if g_cos is not None else lse, work, ds_part if need_dscale else work,
-            db_part if need_dbias else work, rn if scale_g else w_inv,
+            lse, g_lse, g_lse if g_sum is None else g_sum, g_cos if g_cos is not None else lse, work,
+            ds_part if need_dscale else work, db_part if need_dbias else work, rn if scale_g else w_inv,
             B, c0, c1, D, chunk, *strides, float(param), **meta)
         g = work[:, : c1 - c0]
         if dxhat is None:

@@ -11,14 +11,15 @@ import triton
 import triton.language as tl
 
 from . import _config, forward_tma, tma
-from ._tiles import cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_start
+from ._tiles import cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start
 
 
 @triton.jit
 def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
                    part_m_ptr, part_s_ptr, part_z_ptr,
                    B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
-                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
+                   UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr, FLAT: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -45,7 +46,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                             BLOCK_K, UPCAST, PRECISION)
             if last:
                 run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
-                                                param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+                                                param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         for c0 in range(c_start, c_end, BLOCK_C):
@@ -54,9 +55,10 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
             acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, sxb, sxd, swc, swd,
                            BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
             run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
-                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
 
     out = pid_s.to(tl.int64) * B + rows64
+    run_m, run_s, run_z = running_end(run_m, run_s, run_z)
     tl.store(part_m_ptr + out, run_m, mask=rmask)
     tl.store(part_s_ptr + out, run_s, mask=rmask)
     tl.store(part_z_ptr + out, run_z, mask=rmask)
@@ -93,8 +95,10 @@ def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
     return lse, zsum
 
 
-def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool):
-    """Run the forward kernel; returns (lse, zsum) fp32 (B,).  Callers pass contiguous fp32 per-row vectors."""
+def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool,
+           need_zsum: bool = True):
+    """Run the forward kernel; returns (lse, zsum) fp32 (B,), zsum 0 unless ``need_zsum``.  Callers pass contiguous
+    fp32 per-row vectors."""
     B, D = x.shape
     C = w.shape[0]
     mode = _config.forward_mode()
@@ -105,7 +109,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     part_m = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
-    meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
+    meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None, ZSUM=bool(need_zsum),
                 UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
     if fixed:
         meta.update(cfg)

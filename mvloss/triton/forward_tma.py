@@ -19,14 +19,15 @@ traces (fake tensors; the descriptors live in a global scratch buffer Triton's l
 import triton
 import triton.language as tl
 
-from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_start
+from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_start
 
 
 @triton.jit
 def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
                        part_m_ptr, part_s_ptr, part_z_ptr,
                        B, C, D, chunk, sxb, swc, param, B_BUCKET,
-                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
+                       UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -47,9 +48,10 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < c_end  # the copy of W past c_end (the next split's classes, or zeros) is masked here
         run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param,
-                                        run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+                                        run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
 
     out = pid_s.to(tl.int64) * B + rows.to(tl.int64)
+    run_m, run_s, run_z = running_end(run_m, run_s, run_z)
     tl.store(part_m_ptr + out, run_m, mask=rmask)
     tl.store(part_s_ptr + out, run_s, mask=rmask)
     tl.store(part_z_ptr + out, run_z, mask=rmask)

@@ -38,32 +38,34 @@ def _empty_batch_grads(D: int, C: int, need_dbias: bool, device):
 
 
 def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum):
-    """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors."""
+    """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors (g_sum None: 0)."""
     return (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
-            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), _vec(g_sum))
+            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), None if g_sum is None else _vec(g_sum))
 
 
 @triton_op("mvloss::triton_neg_forward", mutates_args=())
 def triton_neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                        labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                       treatment: int, param: float, clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse, zsum) of the negatives contract (see mvloss.negatives), fp32 (B,)."""
+                       treatment: int, param: float, clamp: bool, need_zsum: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, zsum) of the negatives contract (see mvloss.negatives), fp32 (B,); zsum is 0 unless ``need_zsum``."""
     x, w = _operands(x, w)
     B = x.shape[0]
     if B == 0:
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
         return empty, empty.clone()
     return _forward.launch(x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr),
-                           _vec(scale), None if bias is None else bias.contiguous(), treatment, param, clamp)
+                           _vec(scale), None if bias is None else bias.contiguous(), treatment, param, clamp,
+                           need_zsum)
 
 
 @triton_op("mvloss::triton_neg_backward", mutates_args=())
 def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                         labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                        lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, treatment: int, param: float,
-                        clamp: bool, need_dscale: bool, need_dbias: bool
+                        lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], treatment: int,
+                        param: float, clamp: bool, need_dscale: bool, need_dbias: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32."""
+    """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32; g_sum None is 0."""
     x, w = _operands(x, w)
     B, D = x.shape
     C = w.shape[0]
@@ -82,7 +84,7 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
 @triton_op("mvloss::triton_neg_backward_w", mutates_args=())
 def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                           labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: torch.Tensor, g_cos: torch.Tensor,
+                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], g_cos: torch.Tensor,
                           treatment: int, param: float, clamp: bool, need_dscale: bool, need_dbias: bool,
                           normalize_w: bool, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
