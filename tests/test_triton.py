@@ -489,6 +489,7 @@ vec = lambda n: torch.rand(n)
 fwd = (x, w, vec(b), vec(c), torch.randint(0, c, (b,)), vec(b), vec(b), vec(c), 2, 0.2, True)
 bwd = fwd[:8] + (vec(b), vec(b), vec(b), 2, 0.2, True, True, True)
 bwd_w = bwd[:11] + (vec(b),) + bwd[11:] + (True, 1e-12)
+no_sum = bwd[:10] + (None,) + bwd[11:]  # no gradient of the logit sum
 with FakeTensorMode() as mode:
     out = torch.ops.mvloss.triton_neg_forward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                 for a in fwd])
@@ -515,7 +516,8 @@ with FakeTensorMode() as mode:
     assert out[0].device.type == "cuda" and out[0].dtype == torch.float32
 os.environ.pop("MVLOSS_TRITON_WORKSPACE_ELEMS")
 for op, args in ((torch.ops.mvloss.triton_neg_forward, fwd), (torch.ops.mvloss.triton_neg_backward, bwd),
-                 (torch.ops.mvloss.triton_neg_backward_w, bwd_w)):
+                 (torch.ops.mvloss.triton_neg_backward_w, bwd_w), (torch.ops.mvloss.triton_neg_forward, fwd + (False,)),
+                 (torch.ops.mvloss.triton_neg_backward, no_sum)):
     graph = make_fx(lambda *a: op(*a), tracing_mode="symbolic")(*args)
     assert "mvloss.triton_neg" in graph.code
 print("ok")
@@ -1005,6 +1007,12 @@ def test_triton_opcheck():
         g_cos = torch.linspace(-1.0, 1.0, x.shape[0], device="cuda")
         torch.library.opcheck(torch.ops.mvloss.triton_neg_backward_w.default,
                               bwd[:11] + (g_cos,) + bwd[11:] + (True, 1e-12))
+        # a training step without label smoothing: no logit sum, and no gradient of it (None)
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_forward.default, fwd + (False,))
+        no_sum = bwd[:10] + (None,) + bwd[11:]
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward.default, no_sum)
+        torch.library.opcheck(torch.ops.mvloss.triton_neg_backward_w.default,
+                              no_sum[:11] + (g_cos,) + no_sum[11:] + (True, 1e-12))
 
 
 @gpu
