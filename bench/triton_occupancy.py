@@ -54,7 +54,8 @@ def markdown(records: list[dict], B: int, D: int, dtype: str, command: str, step
              "dscale / dbias partials, no logit sum or its gradient)" if step else
              "every optional output on (bias, dscale and dbias partials, the logit sum and its gradient)")
     lines = [f"# Occupancy of the Triton kernels' tiles on sm_90 (compiled, no GPU): {dtype}, B = {B}, D = {D}", "",
-             f"Kernels compiled with {flags}.", "",
+             f"Kernels compiled with {flags}; the forward's pointer form for a class count of whole tiles (FULL), "
+             "so its count is its class-tile loop's, without the copy a partial last tile adds.", "",
              f"Command: `{command}`  ", f"torch {torch.__version__}, triton {triton.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Programs per SM from registers (64K a SM, "
              "allocated per warp in units of 256) and shared memory (228 KB a SM, 1 KB reserved a program); SASS "

@@ -91,6 +91,26 @@ def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.devic
     return max(1, min(class_tiles, want))
 
 
+def masks_kept() -> bool:
+    """MVLOSS_TRITON_MASKED=1: the kernels keep every row, feature and class mask even where the shapes make them
+    all true (the EVEN_B / EVEN_K / FULL specialisations off): the same values, for tests and comparisons."""
+    return os.environ.get("MVLOSS_TRITON_MASKED", "0") == "1"
+
+
+def even_flags(batch: int, dim: int, cfg: dict, fixed: bool = True) -> dict:
+    """The kernels' EVEN_B (the row tile divides the batch: no row masks; known only for a fixed configuration,
+    autotuned ones vary) and EVEN_K (BLOCK_K divides D: no feature masks)."""
+    if masks_kept():
+        return dict(EVEN_B=False, EVEN_K=False)
+    return dict(EVEN_B=bool(fixed) and batch % cfg["BLOCK_B"] == 0, EVEN_K=dim % cfg["BLOCK_K"] == 0)
+
+
+def whole_tiles(block: int, *spans: int) -> bool:
+    """FULL of the kernels: ``block`` (BLOCK_C) divides every class range a program walks, so no class tile is
+    partial and none needs a column mask."""
+    return not masks_kept() and all(span % block == 0 for span in spans)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if interpreting() else fp32_precision()

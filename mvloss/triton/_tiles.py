@@ -13,11 +13,23 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def span_mask(idx, end, FULL: tl.constexpr):
+    """idx < end; all true, with no compare, where the caller knows the span is whole (FULL): the loads and selects
+    it guards then carry no predicate (a tile of a 1024-row batch, a class tile before the range's last)."""
+    if FULL:
+        m = tl.full(idx.shape, 1, tl.int1)
+    else:
+        m = idx < end
+    return m
+
+
+@triton.jit
 def dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, swd, acc,
-              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + x[rows, k0:k0+BLOCK_K] . w[cols, k0:k0+BLOCK_K]^T (fp32 accumulation): one step of the cosine tile."""
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] . w[cols, k0:k0+BLOCK_K]^T (fp32 accumulation): one step of the cosine tile.
+    EVEN_K: BLOCK_K divides D (no feature mask)."""
     ks = k0 + tl.arange(0, BLOCK_K)
-    kmask = ks < D
+    kmask = span_mask(ks, D, EVEN_K)
     ks64 = ks.to(tl.int64)
     xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd,
                  mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -41,12 +53,12 @@ def flat_step(it, n_k, first, stride, BLOCK_K: tl.constexpr):
 @triton.jit
 def cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
     """x[rows] . w[cols]^T over the whole feature dimension, fp32 accumulation (BLOCK_B x BLOCK_C)."""
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, swd, acc,
-                        BLOCK_K, UPCAST, PRECISION)
+                        BLOCK_K, UPCAST, PRECISION, EVEN_K)
     return acc
 
 

@@ -48,7 +48,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         if UPCAST:
             xt = xt.to(tl.float32)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
-                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, False)
         raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
         dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,

@@ -33,7 +33,7 @@ from ..autograd import normalization_backward
 from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward, tma
 from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dlogit_tile, dot_slice, flat_step, logit_tile,
-                     negatives_mask, row_grads, row_vectors)
+                     negatives_mask, row_grads, row_vectors, span_mask)
 
 
 @triton.jit
@@ -41,11 +41,12 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
                   g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                  GSUM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr):
+                  GSUM: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr, BLOCK_C: tl.constexpr):
     """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspace tile G = dc w_inv (each row
-    divided by its bound with SCALE_G) and the dscale / dbias partials."""
+    divided by its bound with SCALE_G) and the dscale / dbias partials.  FULL: the tile ends by c1 (no column
+    masks)."""
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < c1
+    cmask = span_mask(cols, c1, FULL)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols, lab)
@@ -73,16 +74,18 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                        NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                       PERSISTENT: tl.constexpr,
+                       PERSISTENT: tl.constexpr, EVEN_B: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (row tiles, class programs).  Default: one class tile per program.  PERSISTENT: each program takes every
     P-th class tile of the chunk (P = the grid's class programs) in one loop over (tile, K slice) pairs, so the
-    software pipeline runs across its tiles (the next tile's loads overlap this one's epilogue and stores)."""
+    software pipeline runs across its tiles (the next tile's loads overlap this one's epilogue and stores).
+    EVEN_B: BLOCK_B divides B, EVEN_K: BLOCK_K divides D, FULL: BLOCK_C divides the chunk (no row, feature or class
+    masks; every chunk but the last is a whole number of class tiles)."""
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
+    rmask = span_mask(rows, B, EVEN_B)
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
     lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
@@ -94,21 +97,22 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         for it in range(0, mine * n_k):
             tile, k0, last = flat_step(it, n_k, pid_c, n_prog, BLOCK_K)
             cols64 = (c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-            acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, k0, D, sxb, sxd, swc, swd, acc,
-                            BLOCK_K, UPCAST, PRECISION)
+            acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, span_mask(cols64, c1, FULL), k0, D, sxb, sxd, swc,
+                            swd, acc, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             if last:
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                               TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
-                              BLOCK_C)
+                              FULL, BLOCK_C)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cols64 < c1, D, sxb, sxd, swc, swd,
-                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+        acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, span_mask(cols64, c1, FULL), D, sxb, sxd, swc, swd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, EVEN_K)
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, BLOCK_C)
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
+                      BLOCK_C)
 
 
 @triton.jit
@@ -118,20 +122,21 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                            TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                           LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                           LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EVEN_B: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """MVLOSS_TRITON_DLOGITS = tma / ws: x and W tiles through TMA descriptors the program makes (tma.py): one bulk
     copy a tile, no address registers; W's rows past c1 are zero.  tma: one class tile a program.  ws (LOOP):
     program (i, j) takes class tiles j, j + P, ... of the chunk (P = the grid's class programs), a loop Triton
     warp-specialises where it can (WARP_SPECIALIZE), as in the forward (forward_tma.py): a producer group and two
-    consumer groups, each half the row tile.  (A loop of one tile costs the tma form ~90 registers: not used there.)"""
+    consumer groups, each half the row tile.  (A loop of one tile costs the tma form ~90 registers: not used there.)
+    EVEN_B and FULL as in neg_dlogits_kernel (the copies need no masks whatever they are)."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[c1, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     pid_b = tl.program_id(0)
     param = tl.cast(param, tl.float32)
     r0 = pid_b * BLOCK_B
     rows = r0 + tl.arange(0, BLOCK_B)
-    rmask = rows < B
+    rmask = span_mask(rows, B, EVEN_B)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
     lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     if LOOP:
@@ -142,13 +147,14 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
             store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                           w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
                           param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
-                          BLOCK_C)
+                          FULL, BLOCK_C)
     else:
         tile = tl.program_id(1)
         acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                       w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
-                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, BLOCK_C)
+                      TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
+                      BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -252,11 +258,12 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     if use_tma:
         tma.ensure_allocator()
         kernel = _config.launcher(neg_dlogits_tma_kernel)
-        meta.update(LOOP=persistent, WARP_SPECIALIZE=warp_spec)
+        meta.update(LOOP=persistent, WARP_SPECIALIZE=warp_spec, EVEN_B=_config.even_flags(B, D, cfg)["EVEN_B"])
         strides = (x.stride(0), w.stride(0))
     else:
         kernel = _config.launcher(neg_dlogits_kernel)
         meta["PERSISTENT"] = persistent
+        meta.update(_config.even_flags(B, D, cfg))
         strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
     # bf16: the fused dW's chunk leaves the GEMM in bf16 (fp32 accumulation, one rounding) for the one-pass
     # normalisation backward, not in fp32: half the bytes written and read again (2 of 6 GB a step at C = 1M).
@@ -270,7 +277,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
             lse, g_lse, g_lse if g_sum is None else g_sum, g_cos if g_cos is not None else lse, work,
             ds_part if need_dscale else work, db_part if need_dbias else work, rn if scale_g else w_inv,
-            B, c0, c1, D, chunk, *strides, float(param), **meta)
+            B, c0, c1, D, chunk, *strides, float(param), FULL=_config.whole_tiles(bc, c1 - c0), **meta)
         g = work[:, : c1 - c0]
         if dxhat is None:
             dxhat = _mm32(g, w[c0:c1])

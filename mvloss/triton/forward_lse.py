@@ -11,7 +11,23 @@ import triton
 import triton.language as tl
 
 from . import _config, forward_tma, tma
-from ._tiles import cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start
+from ._tiles import (cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start,
+                     span_mask)
+
+
+@triton.jit
+def fold_class_tile(x_ptr, w_ptr, rows64, rmask, c0, c_end, xinv, thr, scale, lab, w_inv_ptr, bias_ptr, param,
+                    run_m, run_s, run_z, D, sxb, sxd, swc, swd,
+                    TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The class tile at c0 (FULL: all of it before c_end, so no column masks) into the running sums."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    cmask = span_mask(cols, c_end, FULL)
+    acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, sxb, sxd, swc, swd,
+                   BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+    return fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m, run_s, run_z,
+                     TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
 
 
 @triton.jit
@@ -19,14 +35,16 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                    part_m_ptr, part_s_ptr, part_z_ptr,
                    B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
                    TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
-                   UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, FLAT: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
+                   EVEN_B: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """EVEN_B: BLOCK_B divides B, EVEN_K: BLOCK_K divides D (no row or feature masks); FULL: BLOCK_C divides C and
+    the split's chunk, so every split's range is whole class tiles and no tail tile exists."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
+    rmask = span_mask(rows, B, EVEN_B)
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
 
@@ -43,19 +61,24 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
             cols = c_start + tile * BLOCK_C + tl.arange(0, BLOCK_C)
             cmask = cols < c_end
             acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, k0, D, sxb, sxd, swc, swd, acc,
-                            BLOCK_K, UPCAST, PRECISION)
+                            BLOCK_K, UPCAST, PRECISION, EVEN_K)
             if last:
                 run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
                                                 param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
-        for c0 in range(c_start, c_end, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            cmask = cols < c_end
-            acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, sxb, sxd, swc, swd,
-                           BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-            run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
-                                            param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
+        # the whole class tiles without column masks, then the range's last, partial one (same tiles, same order)
+        c_full = c_start + (c_end - c_start) // BLOCK_C * BLOCK_C
+        for c0 in range(c_start, c_full, BLOCK_C):
+            run_m, run_s, run_z = fold_class_tile(
+                x_ptr, w_ptr, rows64, rmask, c0, c_end, xinv, thr, scale, lab, w_inv_ptr, bias_ptr, param,
+                run_m, run_s, run_z, D, sxb, sxd, swc, swd, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION,
+                EVEN_K, True, BLOCK_B, BLOCK_C, BLOCK_K)
+        if not FULL and c_full < c_end:
+            run_m, run_s, run_z = fold_class_tile(
+                x_ptr, w_ptr, rows64, rmask, c_full, c_end, xinv, thr, scale, lab, w_inv_ptr, bias_ptr, param,
+                run_m, run_s, run_z, D, sxb, sxd, swc, swd, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION,
+                EVEN_K, False, BLOCK_B, BLOCK_C, BLOCK_K)
 
     out = pid_s.to(tl.int64) * B + rows64
     run_m, run_s, run_z = running_end(run_m, run_s, run_z)
@@ -122,11 +145,13 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
     if use_tma:
         meta["WARP_SPECIALIZE"] = mode == "ws" and _config.warp_specializing_ok(x.dtype, B)
+        meta["EVEN_B"] = _config.even_flags(B, D, cfg)["EVEN_B"]
         tma.ensure_allocator()
         _config.launcher(forward_tma.neg_lse_tma_kernel)[grid](
             x, w, *vectors, B, C, D, chunk, x.stride(0), w.stride(0), float(param), _config.batch_bucket(B), **meta)
     else:
         meta["FLAT"] = mode == "flat"
+        meta.update(_config.even_flags(B, D, cfg, fixed), FULL=fixed and _config.whole_tiles(cfg["BLOCK_C"], C, chunk))
         _config.launcher(kernel)[grid](
             x, w, *vectors, B, C, D, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(param),
             _config.batch_bucket(B), **meta)

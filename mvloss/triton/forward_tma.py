@@ -19,7 +19,7 @@ traces (fake tensors; the descriptors live in a global scratch buffer Triton's l
 import triton
 import triton.language as tl
 
-from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_start
+from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_start, span_mask
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        B, C, D, chunk, sxb, swc, param, B_BUCKET,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
                        UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EVEN_B: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -37,7 +37,7 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     r0 = pid_b * BLOCK_B
     rows = r0 + tl.arange(0, BLOCK_B)
-    rmask = rows < B
+    rmask = span_mask(rows, B, EVEN_B)  # EVEN_B: BLOCK_B divides B (no row masks)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
 
     run_m, run_s, run_z = running_start(BLOCK_B)
