@@ -574,9 +574,11 @@ for dtype, b, d in cases:
             continue
         if kernel in ("fwd_tma", "fwd_ws", "dlogits_tma", "dlogits_ws") and d % 4:
             continue  # rows a TMA descriptor cannot describe: the launcher takes the pointer kernel
-        # the table shape also with a training step's flags (no bias, dscale, dbias or logit sum)
-        for step in ((False, True) if (dtype, b, d) == cases[0] else (False,)):
-            r = compile_kernel(kernel, dtype, b, d, arch=90, training_step=step)
+        # the table shape also with a training step's flags (no bias, dscale, dbias or logit sum), and with a
+        # partial last class tile (the forward's tail copy, the recompute kernel of a partial last chunk)
+        for step, whole in (((False, True), (True, True), (True, False)) if (dtype, b, d) == cases[0]
+                            else ((False, True),)):
+            r = compile_kernel(kernel, dtype, b, d, arch=90, training_step=step, whole_tiles=whole)
             check(kernel, dtype, b, d, r)
 # the eager-CUDA glue kernel of the pre-pass, from the narrowest rows to the widest it takes
 from mvloss.triton._compile_check import compile_target_rows

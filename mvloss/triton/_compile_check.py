@@ -133,7 +133,7 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, regs_per_sm: in
 
 def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: int = 90, treatment: int = 2,
                    clamp: bool = True, has_bias: bool = True, config: dict | None = None,
-                   training_step: bool = False) -> dict:
+                   training_step: bool = False, whole_tiles: bool = True) -> dict:
     """Compile one kernel ("fwd", "fwd_flat" -- MVLOSS_TRITON_FORWARD=flat --, "fwd_tma" / "fwd_ws" -- the TMA
     kernel, MVLOSS_TRITON_FORWARD=tma / ws --, "dlogits" -- the default backward's
     recompute kernel --, "dlogits_persistent" / "dlogits_tma" / "dlogits_ws" -- MVLOSS_TRITON_DLOGITS=persistent /
@@ -141,7 +141,8 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     "dx", "dw") with the configuration _config picks for (batch, dim, dtype), or with ``config`` (tile sizes, warps
     and stages; BLOCK_K is always _config's, so the summation order stays the forward's).  ``training_step``: the
     flags a training step of a fixed-scale loss without bias or label smoothing launches with (no bias, no dscale /
-    dbias partials, no logit sum) instead of every optional output."""
+    dbias partials, no logit sum) instead of every optional output.  ``whole_tiles``: FULL, a class count of whole
+    tiles (the forward without its partial-tile copy, the recompute kernel of every chunk but a partial last one)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1")
     import triton
@@ -176,7 +177,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     if kernel in ("fwd", "fwd_flat"):
         consts["FLAT"] = kernel == "fwd_flat"
         # FULL: a class count that is whole tiles, so the count is the class-tile loop's, without the tail's copy
-        consts.update(_config.even_flags(batch, dim, cfg), FULL=True)
+        consts.update(_config.even_flags(batch, dim, cfg), FULL=whole_tiles)
     if kernel in ("fwd_tma", "fwd_ws"):
         consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
         consts["EVEN_B"] = _config.even_flags(batch, dim, cfg)["EVEN_B"]
@@ -196,7 +197,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         else:
             consts["PERSISTENT"] = kernel == "dlogits_persistent"
             consts.update(_config.even_flags(batch, dim, cfg))
-        consts["FULL"] = True  # every chunk but the last is a whole number of class tiles
+        consts["FULL"] = whole_tiles  # every chunk but the last is a whole number of class tiles
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":
