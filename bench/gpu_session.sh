@@ -50,9 +50,10 @@ if has other; then
     --ignore=tests/test_triton.py \
     > "$OUT/tests_other.log" 2>&1
   tail -n 25 "$OUT/tests_other.log"
-  # the target side's kernels against their PyTorch path on CUDA tensors (not gpu-marked: they run on the CPU too)
-  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_target_loss.py \
-    > "$OUT/tests_target_loss.log" 2>&1
+  # on CUDA tensors, tests that are not gpu-marked (they run on the CPU too): the target side's kernels against
+  # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-120}" "${PYTEST[@]}" tests/test_target_loss.py \
+    tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi
 if has timings; then
