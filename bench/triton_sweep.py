@@ -30,7 +30,10 @@ FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 progr
            dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
            dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),  # 6% faster at 100k (run 3); spills on 3.8
-           dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3)]   # 1, no spill; W read once per 256 rows
+           dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3),   # 1, no spill; W read once per 256 rows
+           # the table's, capped at 128 registers: 2 per SM since the tenth session's shorter epilogue (a training
+           # step's flags: no spill under 3.8, 8 bytes under 3.6; the tma form none under either)
+           dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]
 # the warp-specialised form (its table row: 128 x 128, 4 warps a consumer group, 3 stages): 4 warps a group (Triton
 # leaves an 8-warp loop as it is) and 128 rows or more (Triton splits them between its two consumer groups; 64 rows it
 # cannot split, and both groups would do all the work)
@@ -39,15 +42,16 @@ FORWARD_WS = [dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
               dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=4),
               dict(BLOCK_B=256, BLOCK_C=64, num_warps=4, num_stages=3),
               dict(BLOCK_B=256, BLOCK_C=128, num_warps=4, num_stages=2)]  # 12 L2 bytes an element; 32-48 spilled
-FORWARD_BY_MODE = {"tiles": FORWARD, "flat": FORWARD, "tma": FORWARD[:3], "ws": FORWARD_WS}
-DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
+FORWARD_BY_MODE = {"tiles": FORWARD, "flat": FORWARD, "tma": FORWARD[:3] + FORWARD[-1:], "ws": FORWARD_WS}
+# (programs per SM with a training step's flags since the tenth session; python bench/triton_occupancy.py --step)
+DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),   # 1, no spill (it spilled before)
            dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 3
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2, but spills (3.8)
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2, no spill (it spilled before)
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128),  # the table's, capped: 2
-           dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3)]   # the table's transposed: 1, no spill
+           dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3)]   # the table's transposed: 1 (tma form: 2)
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),
@@ -55,7 +59,8 @@ BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3
 # the warp-specialised recompute kernel (its table row: 128 x 64, 4 warps a group, 3 stages); 128 x 128 spills 1.4 KB
 DLOGITS_WS = [dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
               dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=2)]
-DLOGITS_BY_MODE = {"tiles": DLOGITS, "persistent": DLOGITS, "tma": [DLOGITS[3], DLOGITS[6]], "ws": DLOGITS_WS}
+DLOGITS_BY_MODE = {"tiles": DLOGITS, "persistent": DLOGITS, "tma": [DLOGITS[3], DLOGITS[6], DLOGITS[7]],
+                   "ws": DLOGITS_WS}
 TOLERANCE = 1e-4  # largest relative difference from the table's outputs (same sums, same order: ~0 expected)
 
 
