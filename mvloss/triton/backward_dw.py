@@ -69,11 +69,15 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
 
 
 
-def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
-    """max_i of the per-row bound of |dc| (see _tiles.dc_scale), a 1-element fp32 tensor (1 when it is 0); no
-    host sync."""
+def dc_bounds_by_row(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
+    """Per row, a bound of |dc_ik| over k (see _tiles.dc_scale): (|g_lse| + |g_sum|) |s| max|h'| (g_sum None: 0)."""
     g = g_lse.abs() if g_sum is None else g_lse.abs() + g_sum.abs()
-    n = (g * scale.abs()).amax().reshape(1) * treatment_derivative_bound(treatment, param)
+    return g * scale.abs() * treatment_derivative_bound(treatment, param)
+
+
+def dc_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
+    """max_i of the per-row bound of |dc|, a 1-element fp32 tensor (1 when it is 0); no host sync."""
+    n = dc_bounds_by_row(g_lse, g_sum, scale, treatment, param).amax().reshape(1)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 

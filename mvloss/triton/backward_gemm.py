@@ -30,8 +30,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from ..autograd import normalization_backward
-from ..negatives import treatment_derivative_bound
 from . import _config, norm_backward, tma
+from .backward_dw import dc_bounds_by_row
 from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dlogit_tile, dot_slice, flat_step, logit_tile,
                      negatives_mask, row_grads, row_vectors, span_mask)
 
@@ -158,9 +158,8 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
-    """Per row, a bound of |dc_ik| over k (see _tiles.dc_scale): (|g_lse| + |g_sum|) |s| max|h'|; 1 where it is 0."""
-    g = g_lse.abs() if g_sum is None else g_lse.abs() + g_sum.abs()
-    n = g * scale.abs() * treatment_derivative_bound(treatment, param)
+    """Per row, backward_dw.dc_bounds_by_row, with 1 where it is 0."""
+    n = dc_bounds_by_row(g_lse, g_sum, scale, treatment, param)
     return torch.where(n > 0, n, torch.ones_like(n)).to(torch.float32)
 
 
