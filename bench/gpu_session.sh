@@ -51,9 +51,11 @@ if has other; then
     > "$OUT/tests_other.log" 2>&1
   tail -n 25 "$OUT/tests_other.log"
   # on CUDA tensors, tests that are not gpu-marked (they run on the CPU too): the target side's kernels against
-  # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum
+  # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum,
+  # the recompute kernels' dc alone against their full form
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-120}" "${PYTEST[@]}" tests/test_target_loss.py \
-    tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py > "$OUT/tests_target_loss.log" 2>&1
+    tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py \
+    > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi
 if has timings; then

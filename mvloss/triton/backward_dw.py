@@ -10,7 +10,8 @@ import triton.language as tl
 
 from ..negatives import treatment_derivative_bound
 from . import _config
-from ._tiles import column_vectors, cos_tile, dlogit_tile, logit_tile, negatives_mask, row_grads, row_vectors
+from ._tiles import (column_vectors, cos_tile, dc_tile, dlogit_tile, logit_tile, negatives_mask, row_grads,
+                     row_vectors)
 
 
 @triton.jit
@@ -51,8 +52,11 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, False)
         raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                             GSUM, UPCAST)
+        if NEED_DBIAS or GSUM:
+            dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                                 GSUM, UPCAST)
+        else:  # dc alone: the shorter form
+            dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)
         dcx = dc * xinv[:, None]

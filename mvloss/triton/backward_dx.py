@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import (column_vectors, cos_tile, dc_scale, dlogit_tile, logit_tile,
+from ._tiles import (column_vectors, cos_tile, dc_scale, dc_tile, dlogit_tile, logit_tile,
                      negatives_mask, row_grads, row_vectors)
 
 
@@ -54,8 +54,11 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
         raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                             GSUM, UPCAST)
+        if NEED_DSCALE or GSUM:
+            dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                                 GSUM, UPCAST)
+        else:  # dc alone: the shorter form
+            dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
         if NEED_DSCALE:
             ds += tl.sum(dz * u, axis=1)  # dz is 0 off the negatives
         dcw = dc * winv[None, :]

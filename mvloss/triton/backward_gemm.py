@@ -32,8 +32,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ..autograd import normalization_backward
 from . import _config, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
-from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dlogit_tile, dot_slice, flat_step, logit_tile,
-                     negatives_mask, row_grads, row_vectors, span_mask)
+from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dc_tile, dlogit_tile, dot_slice, flat_step,
+                     logit_tile, negatives_mask, row_grads, row_vectors, span_mask)
 
 
 @triton.jit
@@ -50,8 +50,11 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     valid = negatives_mask(rmask, cmask, cols, lab)
-    dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                         GSUM, UPCAST)
+    if NEED_DSCALE or NEED_DBIAS or GSUM:
+        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+                             GSUM, UPCAST)
+    else:  # dc alone (a training step's flags): the shorter form
+        dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
     if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
