@@ -67,3 +67,30 @@ def test_mask_free_kernels_give_the_masked_bits(monkeypatch, shape, dtype, smoot
             assert all(seen["full"]), seen  # every class range whole tiles, forward and backward
         if shape == (64, 300, 64):
             assert True in seen["full"] and False in seen["full"], seen  # whole chunks, then the partial last one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 256, 64), (64, 300, 64), (37, 320, 96)],
+                         ids=["every-mask-free", "partial-tail", "odd-batch"])
+def test_tma_forward_whole_tiles_give_the_masked_bits(monkeypatch, shape, dtype):
+    """MVLOSS_TRITON_FORWARD=tma walks a split's whole class tiles without column masks and its partial last tile
+    after them (as the pointer form does): the same bits as with every mask kept."""
+    from mvloss.triton import tma
+
+    b, c, d = shape
+    x, w, y = make_inputs(b, c, d, torch.float32, ignore=(5,), device=DEVICE)
+    x, w = x.to(dtype), w.to(dtype)
+    monkeypatch.setenv("MVLOSS_TRITON_FORWARD", "tma")
+    used = []
+    allocator = tma.ensure_allocator
+    monkeypatch.setattr(tma, "ensure_allocator", lambda: (used.append(1), allocator())[1])
+    monkeypatch.setenv("MVLOSS_TRITON_MASKED", "1")
+    masked = _step(x, w, y, 0.0)
+    monkeypatch.setenv("MVLOSS_TRITON_MASKED", "0")
+    free = _step(x, w, y, 0.0)
+    assert used, "the tma forward did not run"
+    for name, a, e in zip(("loss", "dx", "dW"), free, masked):
+        assert torch.equal(a, e), name
+    monkeypatch.setenv("MVLOSS_TRITON_FORWARD", "tiles")  # and the tma form's sums are the pointer form's
+    for name, a, e in zip(("loss", "dx", "dW"), _step(x, w, y, 0.0), free):
+        assert torch.equal(a, e), name

@@ -31,7 +31,7 @@ _UNIT_STRIDES = ("sxd", "swd")
 
 
 # Constants of the kernels that commit 08a5d0e's lack (the logit sum and its gradient optional, the mask-free tiles).
-_LATER_FLAGS = ("ZSUM", "GSUM", "EVEN_B", "EVEN_K", "FULL")
+_LATER_FLAGS = ("ZSUM", "GSUM", "EVEN_B", "EVEN_K", "FULL", "KEEP_MASKS")
 
 
 def _sizes(batch: int, dim: int) -> dict:
@@ -180,7 +180,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
         consts.update(_config.even_flags(batch, dim, cfg), FULL=whole_tiles)
     if kernel in ("fwd_tma", "fwd_ws"):
         consts["WARP_SPECIALIZE"] = form == "ws" and _config.warp_specializing_ok(dtype, batch)
-        consts["EVEN_B"] = _config.even_flags(batch, dim, cfg)["EVEN_B"]
+        consts.update(EVEN_B=_config.even_flags(batch, dim, cfg)["EVEN_B"], FULL=whole_tiles)
+    if kernel.startswith("fwd"):
+        consts["KEEP_MASKS"] = False
     if not kernel.startswith("fwd"):
         consts["GSUM"] = not training_step
     if kernel in ("dx", "dw"):

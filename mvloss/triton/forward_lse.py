@@ -36,10 +36,11 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
                    B, C, D, chunk, sxb, sxd, swc, swd, param, B_BUCKET,
                    TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
-                   EVEN_B: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr,
+                   EVEN_B: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr, KEEP_MASKS: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """EVEN_B: BLOCK_B divides B, EVEN_K: BLOCK_K divides D (no row or feature masks); FULL: BLOCK_C divides C and
-    the split's chunk, so every split's range is whole class tiles and no tail tile exists."""
+    the split's chunk, so every split's range is whole class tiles and no tail tile exists.  The whole class tiles
+    carry no column masks unless KEEP_MASKS (MVLOSS_TRITON_MASKED=1)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
@@ -73,7 +74,7 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
             run_m, run_s, run_z = fold_class_tile(
                 x_ptr, w_ptr, rows64, rmask, c0, c_end, xinv, thr, scale, lab, w_inv_ptr, bias_ptr, param,
                 run_m, run_s, run_z, D, sxb, sxd, swc, swd, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION,
-                EVEN_K, True, BLOCK_B, BLOCK_C, BLOCK_K)
+                EVEN_K, not KEEP_MASKS, BLOCK_B, BLOCK_C, BLOCK_K)
         if not FULL and c_full < c_end:
             run_m, run_s, run_z = fold_class_tile(
                 x_ptr, w_ptr, rows64, rmask, c_full, c_end, xinv, thr, scale, lab, w_inv_ptr, bias_ptr, param,
@@ -133,7 +134,8 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     part_s = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     part_z = torch.empty((splits, B), dtype=torch.float32, device=x.device)
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None, ZSUM=bool(need_zsum),
-                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype))
+                UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype),
+                KEEP_MASKS=_config.masks_kept())
     if fixed:
         meta.update(cfg)
     else:
@@ -145,7 +147,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
     vectors = (x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv, part_m, part_s, part_z)
     if use_tma:
         meta["WARP_SPECIALIZE"] = mode == "ws" and _config.warp_specializing_ok(x.dtype, B)
-        meta["EVEN_B"] = _config.even_flags(B, D, cfg)["EVEN_B"]
+        meta.update(EVEN_B=_config.even_flags(B, D, cfg)["EVEN_B"], FULL=_config.whole_tiles(cfg["BLOCK_C"], C, chunk))
         tma.ensure_allocator()
         _config.launcher(forward_tma.neg_lse_tma_kernel)[grid](
             x, w, *vectors, B, C, D, chunk, x.stride(0), w.stride(0), float(param), _config.batch_bucket(B), **meta)

@@ -23,13 +23,30 @@ from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_s
 
 
 @triton.jit
+def fold_class_tile_tma(x_desc, w_desc, r0, c0, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param,
+                        run_m, run_s, run_z, D, TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        ZSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The class tile at c0 into the running sums.  The copy of W past c_end (the next split's classes, or zeros)
+    is masked out here, unless the tile is WHOLE (all of it before c_end)."""
+    acc = cos_tile_tma(x_desc, w_desc, r0, c0, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return fold_tile(acc, cols, span_mask(cols, c_end, WHOLE), xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr,
+                     param, run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
+
+
+@triton.jit
 def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale_ptr, bias_ptr,
                        part_m_ptr, part_s_ptr, part_z_ptr,
                        B, C, D, chunk, sxb, swc, param, B_BUCKET,
                        TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, ZSUM: tl.constexpr,
                        UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EVEN_B: tl.constexpr,
+                       FULL: tl.constexpr, KEEP_MASKS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """EVEN_B, FULL and KEEP_MASKS as in forward_lse.neg_lse_kernel.  The tma form walks a split's whole class tiles
+    without column masks and its partial last tile after them; the ws form keeps one masked loop (the one loop
+    Triton's partitioner is given)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     param = tl.cast(param, tl.float32)
@@ -43,12 +60,22 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     run_m, run_s, run_z = running_start(BLOCK_B)
     c_start = pid_s * chunk
     c_end = tl.minimum(c_start + chunk, C)
-    for c0 in tl.range(c_start, c_end, BLOCK_C, warp_specialize=WARP_SPECIALIZE):
-        acc = cos_tile_tma(x_desc, w_desc, r0, c0, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < c_end  # the copy of W past c_end (the next split's classes, or zeros) is masked here
-        run_m, run_s, run_z = fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param,
-                                        run_m, run_s, run_z, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST)
+    if WARP_SPECIALIZE:
+        for c0 in tl.range(c_start, c_end, BLOCK_C, warp_specialize=True):
+            run_m, run_s, run_z = fold_class_tile_tma(
+                x_desc, w_desc, r0, c0, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m,
+                run_s, run_z, D, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION, False, BLOCK_B, BLOCK_C, BLOCK_K)
+    else:
+        c_full = c_start + (c_end - c_start) // BLOCK_C * BLOCK_C
+        for c0 in range(c_start, c_full, BLOCK_C):
+            run_m, run_s, run_z = fold_class_tile_tma(
+                x_desc, w_desc, r0, c0, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m,
+                run_s, run_z, D, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION, not KEEP_MASKS,
+                BLOCK_B, BLOCK_C, BLOCK_K)
+        if not FULL and c_full < c_end:
+            run_m, run_s, run_z = fold_class_tile_tma(
+                x_desc, w_desc, r0, c_full, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m,
+                run_s, run_z, D, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION, False, BLOCK_B, BLOCK_C, BLOCK_K)
 
     out = pid_s.to(tl.int64) * B + rows.to(tl.int64)
     run_m, run_s, run_z = running_end(run_m, run_s, run_z)
