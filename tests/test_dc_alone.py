@@ -2,7 +2,9 @@
 kernels form the gradient w.r.t. the cosines in a shorter form (``_tiles.dc_tile``): g_lse folded into the row
 factor, and the clamp's zeros taken from p = 0 in the select that removes the target column.  It must give the
 full form's gradients (``_tiles.dlogit_tile``, taken when dscale is asked for) to fp32 rounding, for every treatment,
-with and without the clamp, where the clamp actually cuts cosines, in each backward design and loop form.
+with and without the clamp, where the clamp actually cuts cosines, in each backward design and loop form.  Where a
+program has one class tile, the fused weight gradient's target entries are stored over the finished tile
+(TARGET_AFTER: no label compare an entry); the loop forms select them in the tile.
 """
 import importlib.util
 
@@ -40,14 +42,19 @@ def _inputs(seed=0):
     return (x, w, x_inv, w_inv, labels, thr, scale, None), g_lse, g_cos
 
 
-@pytest.mark.parametrize("design", ["gemm", "tma", "recompute"])
+@pytest.mark.parametrize("design", ["gemm", "tma", "ws", "recompute"])
 @pytest.mark.parametrize("clamp", [True, False])
 @pytest.mark.parametrize("treatment", list(PARAMS), ids=lambda t: t.name)
 def test_dc_alone_gives_the_full_forms_gradients(monkeypatch, treatment, clamp, design):
+    from mvloss.triton import _config
+
     if design == "recompute":
         monkeypatch.setenv("MVLOSS_TRITON_BACKWARD", "recompute")
-    elif design == "tma":
-        monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", "tma")
+    elif design in ("tma", "ws"):
+        monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", design)
+    after = []
+    decide = _config.target_after
+    monkeypatch.setattr(_config, "target_after", lambda *a: (after.append(decide(*a)), after[-1])[1])
     be = dispatch.get("triton")
     args, g_lse, g_cos = _inputs()
     rule = (int(treatment), PARAMS[treatment], clamp)
@@ -66,6 +73,8 @@ def test_dc_alone_gives_the_full_forms_gradients(monkeypatch, treatment, clamp, 
         full = be.backward_fused_w(*args, lse, g_lse, None, g_cos, *rule, True, False, *tail)
         for name, a, e in zip(("dxhat", "dW"), alone, full):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 * e.abs().max().item(), msg=name)
+        # the plain calls, then the fused ones: stored after the tile only with dc alone and one tile a program
+        assert after == [False, False, design != "ws", False], after
 
 
 def test_dc_alone_would_be_caught_if_the_clamp_were_not_applied(monkeypatch):

@@ -30,8 +30,9 @@ SHARED_LIMIT = 227 * 1024  # sm_90 / sm_100 per-block opt-in maximum
 _UNIT_STRIDES = ("sxd", "swd")
 
 
-# Constants of the kernels that commit 08a5d0e's lack (the logit sum and its gradient optional, the mask-free tiles).
-_LATER_FLAGS = ("ZSUM", "GSUM", "EVEN_B", "EVEN_K", "FULL", "KEEP_MASKS")
+# Constants of the kernels that commit 08a5d0e's lack (the logit sum and its gradient optional, the mask-free tiles)
+# and 26395a4's (KEEP_MASKS, TARGET_AFTER).
+_LATER_FLAGS = ("ZSUM", "GSUM", "EVEN_B", "EVEN_K", "FULL", "KEEP_MASKS", "TARGET_AFTER")
 
 
 def _sizes(batch: int, dim: int) -> dict:
@@ -200,6 +201,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
             consts["PERSISTENT"] = kernel == "dlogits_persistent"
             consts.update(_config.even_flags(batch, dim, cfg))
         consts["FULL"] = whole_tiles  # every chunk but the last is a whole number of class tiles
+        # as _config.target_after: dc alone, one class tile a program
+        consts["TARGET_AFTER"] = (consts["TARGET"] and training_step and not consts.get("PERSISTENT", False)
+                                  and not consts.get("LOOP", False) and not consts["SCALE_G"])
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":

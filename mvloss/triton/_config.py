@@ -111,6 +111,15 @@ def whole_tiles(block: int, *spans: int) -> bool:
     return not masks_kept() and all(span % block == 0 for span in spans)
 
 
+def target_after(target: bool, needs_dz: bool, loops: bool, fp16: bool) -> bool:
+    """TARGET_AFTER of the recompute kernel: the target column's workspace entries stored over the finished tile,
+    with no label compare or select an entry, where it forms dc alone (nothing reads dz) and a program has one class
+    tile (in the persistent / ws loops over class tiles the store's barrier stops Triton's software pipelining,
+    and would hold a ws producer group).  Not for an fp16 workspace: the value the tile first holds at the target
+    column, exp(z_y - lse) times the factors, can pass fp16's range there.  Off with MVLOSS_TRITON_MASKED=1."""
+    return target and not needs_dz and not loops and not fp16 and not masks_kept()
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if interpreting() else fp32_precision()

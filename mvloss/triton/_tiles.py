@@ -211,8 +211,8 @@ def dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT: tl.
             UPCAST: tl.constexpr):
     """dc of dlogit_tile where nothing else is wanted (no logit-sum gradient, no dz partials: a training step's
     flags), two instructions an entry fewer: g_lse is folded into the row factor (dc = p (g_lse s h')), and the
-    clamp's zeros come from p = 0 in the select that already removes the target column (dz itself would then be 0
-    there, which its readers must not see)."""
+    clamp's zeros come from p = 0 in the select that already removes the entries ``valid`` excludes (dz itself
+    would then be 0 there, which its readers must not see)."""
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     keep = valid & (c == raw) if CLAMP else valid  # c == raw exactly where raw is in [-1, 1]
     p = exp2_ftz(tl.where(keep, z2 - lse2[:, None], float("-inf")), UPCAST)

@@ -37,25 +37,45 @@ from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dc_tile, dlogit_til
 
 
 @triton.jit
+def store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, BLOCK_C: tl.constexpr):
+    """Over the tile just stored: G's entry at each row's target column, if it lies in the tile, = g_cos_i w_inv_y
+    (the upstream gradient of cos_y, so both GEMMs carry the target side too).  The barrier orders these stores
+    after the tile's, which other threads made."""
+    t0 = c0 + tile * BLOCK_C
+    lab32 = lab.to(tl.int32)
+    hit = rmask & (lab32 >= t0) & (lab32 < tl.minimum(t0 + BLOCK_C, c1))
+    gt = tl.load(g_cos_ptr + rows, mask=hit, other=0.0) * tl.load(w_inv_ptr + lab32, mask=hit, other=0.0)
+    tl.debug_barrier()
+    tl.store(g_rows + (lab32 - c0), gt.to(g_rows.dtype.element_ty), mask=hit)
+
+
+@triton.jit
 def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                   g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
-                  GSUM: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr, BLOCK_C: tl.constexpr):
+                  GSUM: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr, TARGET_AFTER: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     """From the finished cosine tile number ``tile`` of the chunk: dc, then the workspace tile G = dc w_inv (each row
     divided by its bound with SCALE_G) and the dscale / dbias partials.  FULL: the tile ends by c1 (no column
-    masks)."""
+    masks).  TARGET_AFTER (with TARGET and dc alone): the target column's entries are not told apart in the tile
+    (no label compare or select an entry) but stored over it afterwards, one entry a row whose label is in the
+    tile."""
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = span_mask(cols, c1, FULL)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
-    valid = negatives_mask(rmask, cmask, cols, lab)
     if NEED_DSCALE or NEED_DBIAS or GSUM:
+        valid = negatives_mask(rmask, cmask, cols, lab)
         dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
                              GSUM, UPCAST)
+    elif TARGET_AFTER:  # dc alone, the target column's entries overwritten below: in-bounds is all they need
+        dc = dc_tile(raw, c, hard, u, z2, rmask[:, None] & cmask[None, :], lse, g_lse, scale, param, TREATMENT,
+                     CLAMP, UPCAST)
     else:  # dc alone (a training step's flags): the shorter form
-        dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
-    if TARGET:  # the target column's dc is the upstream gradient of cos_y: both GEMMs then carry it too
+        dc = dc_tile(raw, c, hard, u, z2, negatives_mask(rmask, cmask, cols, lab), lse, g_lse, scale, param,
+                     TREATMENT, CLAMP, UPCAST)
+    if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
     g = dc * winv[None, :]
@@ -64,6 +84,9 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     local = cols - c0
     g_rows = g_ptr + rows64 * ldg  # a pointer a row, an int32 offset an entry
     tl.store(g_rows[:, None] + local[None, :], g.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    if TARGET_AFTER:
+        tl.static_assert(not SCALE_G, "TARGET_AFTER is not taken with an fp16 workspace (_config.target_after)")
+        store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, BLOCK_C)
     if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher (dz is 0 off the negatives)
         tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(dz * u, axis=1), mask=rmask)
     if NEED_DBIAS:  # one partial per row tile
@@ -78,12 +101,14 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                        NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                        PERSISTENT: tl.constexpr, EVEN_B: tl.constexpr, EVEN_K: tl.constexpr, FULL: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                       TARGET_AFTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """Grid (row tiles, class programs).  Default: one class tile per program.  PERSISTENT: each program takes every
     P-th class tile of the chunk (P = the grid's class programs) in one loop over (tile, K slice) pairs, so the
     software pipeline runs across its tiles (the next tile's loads overlap this one's epilogue and stores).
     EVEN_B: BLOCK_B divides B, EVEN_K: BLOCK_K divides D, FULL: BLOCK_C divides the chunk (no row, feature or class
-    masks; every chunk but the last is a whole number of class tiles)."""
+    masks; every chunk but the last is a whole number of class tiles).  TARGET_AFTER: see store_dlogits (not with
+    PERSISTENT, _config.target_after)."""
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     param = tl.cast(param, tl.float32)  # Inductor passes Python floats as fp64
@@ -106,7 +131,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                 store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                               TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
-                              FULL, BLOCK_C)
+                              FULL, TARGET_AFTER, BLOCK_C)
                 acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     else:
         cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
@@ -115,7 +140,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
-                      BLOCK_C)
+                      TARGET_AFTER, BLOCK_C)
 
 
 @triton.jit
@@ -126,13 +151,15 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                            NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, GSUM: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
                            LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EVEN_B: tl.constexpr, FULL: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                           TARGET_AFTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
     """MVLOSS_TRITON_DLOGITS = tma / ws: x and W tiles through TMA descriptors the program makes (tma.py): one bulk
     copy a tile, no address registers; W's rows past c1 are zero.  tma: one class tile a program.  ws (LOOP):
     program (i, j) takes class tiles j, j + P, ... of the chunk (P = the grid's class programs), a loop Triton
     warp-specialises where it can (WARP_SPECIALIZE), as in the forward (forward_tma.py): a producer group and two
     consumer groups, each half the row tile.  (A loop of one tile costs the tma form ~90 registers: not used there.)
-    EVEN_B and FULL as in neg_dlogits_kernel (the copies need no masks whatever they are)."""
+    EVEN_B, FULL and TARGET_AFTER as in neg_dlogits_kernel (the copies need no masks whatever they are; TARGET_AFTER
+    only without LOOP, _config.target_after)."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[c1, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     pid_b = tl.program_id(0)
@@ -150,14 +177,14 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
             store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                           w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
                           param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
-                          FULL, BLOCK_C)
+                          FULL, TARGET_AFTER, BLOCK_C)
     else:
         tile = tl.program_id(1)
         acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
         store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                       w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
-                      BLOCK_C)
+                      TARGET_AFTER, BLOCK_C)
 
 
 def dc_row_bound(g_lse, g_sum, scale, treatment: int, param: float) -> torch.Tensor:
@@ -256,7 +283,9 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     meta = dict(TREATMENT=int(treatment), CLAMP=bool(clamp), HAS_BIAS=bias is not None,
                 NEED_DSCALE=bool(need_dscale), NEED_DBIAS=bool(need_dbias), GSUM=g_sum is not None,
                 UPCAST=_config.interpreting(),
-                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None, **cfg)
+                PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None,
+                TARGET_AFTER=_config.target_after(g_cos is not None, need_dscale or need_dbias or g_sum is not None,
+                                                  persistent, scale_g), **cfg)
     if use_tma:
         tma.ensure_allocator()
         kernel = _config.launcher(neg_dlogits_tma_kernel)
