@@ -47,15 +47,16 @@ FORWARD_WS = [dict(BLOCK_B=128, BLOCK_C=64, num_warps=4, num_stages=4),
               dict(BLOCK_B=256, BLOCK_C=64, num_warps=4, num_stages=3),
               dict(BLOCK_B=256, BLOCK_C=128, num_warps=4, num_stages=2)]  # 12 L2 bytes an element; 32-48 spilled
 FORWARD_BY_MODE = {"tiles": FORWARD, "flat": FORWARD, "tma": FORWARD[:3] + FORWARD[-1:], "ws": FORWARD_WS}
-# (programs per SM with a training step's flags since the tenth session; python bench/triton_occupancy.py --step)
-DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),   # 1, no spill (it spilled before)
-           dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 2
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 3
-           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3
-           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2, no spill (it spilled before)
+# (programs per SM with a training step's flags, triton 3.8 / 3.6, none spilling: python bench/triton_occupancy.py
+# --step, as of the eleventh session's shorter recompute epilogue)
+DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),   # 2 / 1
+           dict(BLOCK_B=32, BLOCK_C=128, num_warps=4, num_stages=3),   # 4
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=4),   # 2
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),    # 4
+           dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
+           dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 3
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128),  # the table's, capped: 2
-           dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3)]   # the table's transposed: 1 (tma form: 2)
+           dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3)]   # the table's transposed: 2
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),
             dict(BLOCK_B=128, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=2),

@@ -201,9 +201,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
             consts["PERSISTENT"] = kernel == "dlogits_persistent"
             consts.update(_config.even_flags(batch, dim, cfg))
         consts["FULL"] = whole_tiles  # every chunk but the last is a whole number of class tiles
-        # as _config.target_after: dc alone, one class tile a program
-        consts["TARGET_AFTER"] = (consts["TARGET"] and training_step and not consts.get("PERSISTENT", False)
-                                  and not consts.get("LOOP", False) and not consts["SCALE_G"])
+        consts["TARGET_AFTER"] = _config.target_after(
+            consts["TARGET"], not training_step, consts.get("PERSISTENT", False) or consts.get("LOOP", False),
+            consts["SCALE_G"])
     if kernel == "dx":
         consts["NEED_DSCALE"] = True
     if kernel == "dw":

@@ -69,12 +69,10 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
         valid = negatives_mask(rmask, cmask, cols, lab)
         dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
                              GSUM, UPCAST)
-    elif TARGET_AFTER:  # dc alone, the target column's entries overwritten below: in-bounds is all they need
-        dc = dc_tile(raw, c, hard, u, z2, rmask[:, None] & cmask[None, :], lse, g_lse, scale, param, TREATMENT,
-                     CLAMP, UPCAST)
-    else:  # dc alone (a training step's flags): the shorter form
-        dc = dc_tile(raw, c, hard, u, z2, negatives_mask(rmask, cmask, cols, lab), lse, g_lse, scale, param,
-                     TREATMENT, CLAMP, UPCAST)
+    else:  # dc alone (a training step's flags): the shorter form.  With TARGET_AFTER the target column's entries
+        # are overwritten below, so in-bounds is all the entries need
+        valid = rmask[:, None] & cmask[None, :] if TARGET_AFTER else negatives_mask(rmask, cmask, cols, lab)
+        dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
