@@ -102,16 +102,16 @@ def treat(c, param, TREATMENT: tl.constexpr):
 
 
 @triton.jit
-def dc_factor(c, hard, scale, param, TREATMENT: tl.constexpr):
-    """dc / dz = s h'(c) on hard entries, s elsewhere (the row scales times h' of mvloss.negatives); where h' is a
-    constant the product is formed per row, so an entry costs one select."""
+def dc_factor(c, thr, scale, param, TREATMENT: tl.constexpr, EXACT: tl.constexpr):
+    """dc / dz = s h'(c) on hard entries (c > thr), s elsewhere (the row scales times h' of mvloss.negatives); where
+    h' is a constant the product is formed per row, so an entry costs one select."""
     s = scale[:, None]
     if TREATMENT == 2:
-        f = tl.where(hard, s * (param + 1.0), s)
+        f = where_gt(c, thr[:, None], s * (param + 1.0), s, EXACT)
     elif TREATMENT == 3:
-        f = tl.where(hard, s * (param + 2.0 * c), s)
+        f = where_gt(c, thr[:, None], s * (param + 2.0 * c), s, EXACT)
     elif TREATMENT == 4:
-        f = tl.where(hard, 0.0, s)
+        f = where_gt(c, thr[:, None], 0.0, s, EXACT)
     else:
         f = s
     return f
@@ -167,6 +167,31 @@ def exp2_ftz(v, EXACT: tl.constexpr):
 
 
 @triton.jit
+def where_gt(a, b, x, y, EXACT: tl.constexpr):
+    """x where a > b, else y.  On a GPU one PTX block an element: LLVM then cannot vectorise the compares, which it
+    does for a tile's tl.where (a <32 x i1> mask), and a vector of compare bits costs ~3 instructions an element on
+    sm_90 (packed into an integer, each bit unpacked before its select).  EXACT (the interpreter): tl.where."""
+    if EXACT:
+        out = tl.where(a > b, x, y)
+    else:
+        out = tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.f32 p, $1, $2; selp.f32 $0, $3, $4, p; }",
+                                        "=r,r,r,r,r", [a, b, x, y], dtype=tl.float32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def where_within_one(a, x, EXACT: tl.constexpr):
+    """x where |a| <= 1, else -inf (as where_gt: the compare in a PTX block on a GPU)."""
+    if EXACT:
+        out = tl.where(tl.abs(a) <= 1.0, x, float("-inf"))
+    else:
+        out = tl.inline_asm_elementwise("{ .reg .pred p; .reg .f32 t; abs.f32 t, $1; setp.le.f32 p, t, 0f3F800000; "
+                                        "selp.f32 $0, $2, 0fFF800000, p; }",
+                                        "=r,r,r", [a, x], dtype=tl.float32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
 def negatives_mask(rmask, cmask, cols, lab):
     """In-bounds entries that are not the row's target column (a label of -1 matches none).  ``cols``: the int32
     class indices; the label compare is in int32 (one instruction an element instead of three for int64)."""
@@ -175,23 +200,25 @@ def negatives_mask(rmask, cmask, cols, lab):
 
 @triton.jit
 def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr, CLAMP: tl.constexpr,
-               HAS_BIAS: tl.constexpr):
-    """From the raw dot tile: (raw cos, cos, hard mask, treated u, logits in log2 units z log2 e)."""
+               HAS_BIAS: tl.constexpr, EXACT: tl.constexpr):
+    """From the raw dot tile: (raw cos, cos, treated u, logits in log2 units z log2 e); h applies where c > thr."""
     raw = acc * xinv[:, None] * winv[None, :]
     if CLAMP:
         c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
     else:
         c = raw
-    hard = c > thr[:, None]
-    u = tl.where(hard, treat(c, param, TREATMENT), c)
+    if TREATMENT == 0:
+        u = c
+    else:
+        u = where_gt(c, thr[:, None], treat(c, param, TREATMENT), c, EXACT)
     z2 = (scale * LOG2E)[:, None] * u
     if HAS_BIAS:
         z2 = z2 + (bias * LOG2E)[None, :]
-    return raw, c, hard, u, z2
+    return raw, c, u, z2
 
 
 @triton.jit
-def dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
+def dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
                 CLAMP: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
     (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
@@ -200,23 +227,27 @@ def dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TRE
     dz = g_lse[:, None] * p
     if GSUM:
         dz = tl.where(valid, dz + g_sum[:, None], 0.0)
-    dc = dz * dc_factor(c, hard, scale, param, TREATMENT)
+    dc = dz * dc_factor(c, thr, scale, param, TREATMENT, UPCAST)
     if CLAMP:  # c == raw exactly where raw is in [-1, 1]
         dc = tl.where(c == raw, dc, 0.0)
     return dz, dc
 
 
 @triton.jit
-def dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT: tl.constexpr, CLAMP: tl.constexpr,
-            UPCAST: tl.constexpr):
-    """dc of dlogit_tile where nothing else is wanted (no logit-sum gradient, no dz partials: a training step's
-    flags), two instructions an entry fewer: g_lse is folded into the row factor (dc = p (g_lse s h')), and the
-    clamp's zeros come from p = 0 in the select that already removes the entries ``valid`` excludes (dz itself
-    would then be 0 there, which its readers must not see)."""
+def dc_tile(acc, xinv, winv, thr, scale, bias, param, valid, lse, g_lse, TREATMENT: tl.constexpr,
+            CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+    """dc of dlogit_tile, from the raw dot tile, where nothing else is wanted (no logit-sum gradient, no dz partials:
+    a training step's flags), in fewer instructions an entry:
+    - g_lse is folded into the row factor: dc = p (g_lse s h');
+    - the clamp is not applied: its zeros come from p = 0 where |raw| > 1, in the select that already removes the
+      entries ``valid`` excludes, and everywhere else the clamped cosine is raw itself (dz would be 0 at the cut
+      entries, which is why dz's readers take the full form)."""
+    raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, False, HAS_BIAS, UPCAST)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    keep = valid & (c == raw) if CLAMP else valid  # c == raw exactly where raw is in [-1, 1]
-    p = exp2_ftz(tl.where(keep, z2 - lse2[:, None], float("-inf")), UPCAST)
-    return p * dc_factor(c, hard, g_lse * scale, param, TREATMENT)
+    arg = tl.where(valid, z2 - lse2[:, None], float("-inf"))
+    if CLAMP:
+        arg = where_within_one(raw, arg, UPCAST)
+    return exp2_ftz(arg, UPCAST) * dc_factor(raw, thr, g_lse * scale, param, TREATMENT, UPCAST)
 
 
 @triton.jit
@@ -242,7 +273,7 @@ def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_pt
     log2 units (running_end converts): run_m = max z log2 e, run_s = sum 2**(z log2 e - run_m), run_z = sum z log2 e
     (only with ZSUM: label smoothing is its one reader)."""
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
+    raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
     valid = negatives_mask(rmask, cmask, cols, lab)
     if ZSUM:
         run_z += tl.sum(tl.where(valid, z2, 0.0), axis=1)

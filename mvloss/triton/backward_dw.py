@@ -50,13 +50,14 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
             xt = xt.to(tl.float32)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, False)
-        raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
         valid = negatives_mask(rmask, cmask, cols, lab)
         if NEED_DBIAS or GSUM:
-            dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+            raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+            dz, dc = dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
                                  GSUM, UPCAST)
         else:  # dc alone: the shorter form
-            dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
+            dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, valid, lse, g_lse, TREATMENT, CLAMP, HAS_BIAS,
+                         UPCAST)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)
         dcx = dc * xinv[:, None]

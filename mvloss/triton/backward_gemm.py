@@ -64,15 +64,15 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = span_mask(cols, c1, FULL)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    raw, c, hard, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS)
     if NEED_DSCALE or NEED_DBIAS or GSUM:
+        raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
         valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, hard, u, z2, valid, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
+        dz, dc = dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
                              GSUM, UPCAST)
     else:  # dc alone (a training step's flags): the shorter form.  With TARGET_AFTER the target column's entries
         # are overwritten below, so in-bounds is all the entries need
         valid = rmask[:, None] & cmask[None, :] if TARGET_AFTER else negatives_mask(rmask, cmask, cols, lab)
-        dc = dc_tile(raw, c, hard, u, z2, valid, lse, g_lse, scale, param, TREATMENT, CLAMP, UPCAST)
+        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, valid, lse, g_lse, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
