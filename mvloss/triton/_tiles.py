@@ -192,10 +192,25 @@ def where_within_one(a, x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def negatives_mask(rmask, cmask, cols, lab):
-    """In-bounds entries that are not the row's target column (a label of -1 matches none).  ``cols``: the int32
+def where_ne(a, b, x, y, EXACT: tl.constexpr):
+    """x where the int32 a != b, else y (as where_gt: the compare in a PTX block on a GPU)."""
+    if EXACT:
+        out = tl.where(a != b, x, y)
+    else:
+        out = tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $1, $2; selp.f32 $0, $3, $4, p; }",
+                                        "=r,r,r,r,r", [a, b, x, y], dtype=tl.float32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def negatives_only(x, other, rmask, cmask, cols, lab, LABELS: tl.constexpr, EXACT: tl.constexpr):
+    """x on the in-bounds entries that are not the row's target column, ``other`` elsewhere (a label of -1 matches
+    none); without LABELS on every in-bounds entry (the caller handles the target columns).  ``cols``: the int32
     class indices; the label compare is in int32 (one instruction an element instead of three for int64)."""
-    return rmask[:, None] & cmask[None, :] & (cols[None, :] != lab.to(tl.int32)[:, None])
+    x = tl.where(rmask[:, None] & cmask[None, :], x, other)
+    if LABELS:
+        x = where_ne(cols[None, :], lab.to(tl.int32)[:, None], x, other, EXACT)
+    return x
 
 
 @triton.jit
@@ -218,15 +233,15 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
 
 
 @triton.jit
-def dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
+def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
                 CLAMP: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
     (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    p = exp2_ftz(tl.where(valid, z2 - lse2[:, None], float("-inf")), UPCAST)  # 0 off the negatives
-    dz = g_lse[:, None] * p
+    p = exp2_ftz(negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, True, UPCAST), UPCAST)
+    dz = g_lse[:, None] * p  # 0 off the negatives
     if GSUM:
-        dz = tl.where(valid, dz + g_sum[:, None], 0.0)
+        dz = negatives_only(dz + g_sum[:, None], 0.0, rmask, cmask, cols, lab, True, UPCAST)
     dc = dz * dc_factor(c, thr, scale, param, TREATMENT, UPCAST)
     if CLAMP:  # c == raw exactly where raw is in [-1, 1]
         dc = tl.where(c == raw, dc, 0.0)
@@ -234,17 +249,17 @@ def dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATME
 
 
 @triton.jit
-def dc_tile(acc, xinv, winv, thr, scale, bias, param, valid, lse, g_lse, TREATMENT: tl.constexpr,
-            CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT: tl.constexpr,
+            CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """dc of dlogit_tile, from the raw dot tile, where nothing else is wanted (no logit-sum gradient, no dz partials:
     a training step's flags), in fewer instructions an entry:
     - g_lse is folded into the row factor: dc = p (g_lse s h');
     - the clamp is not applied: its zeros come from p = 0 where |raw| > 1, in the select that already removes the
-      entries ``valid`` excludes, and everywhere else the clamped cosine is raw itself (dz would be 0 at the cut
+      entries negatives_only excludes, and everywhere else the clamped cosine is raw itself (dz would be 0 at the cut
       entries, which is why dz's readers take the full form)."""
     raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, False, HAS_BIAS, UPCAST)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    arg = tl.where(valid, z2 - lse2[:, None], float("-inf"))
+    arg = negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST)
     if CLAMP:
         arg = where_within_one(raw, arg, UPCAST)
     return exp2_ftz(arg, UPCAST) * dc_factor(raw, thr, g_lse * scale, param, TREATMENT, UPCAST)
@@ -274,10 +289,9 @@ def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_pt
     (only with ZSUM: label smoothing is its one reader)."""
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
-    valid = negatives_mask(rmask, cmask, cols, lab)
     if ZSUM:
-        run_z += tl.sum(tl.where(valid, z2, 0.0), axis=1)
-    zm = tl.where(valid, z2, float("-inf"))
+        run_z += tl.sum(negatives_only(z2, 0.0, rmask, cmask, cols, lab, True, UPCAST), axis=1)
+    zm = negatives_only(z2, float("-inf"), rmask, cmask, cols, lab, True, UPCAST)
     new_m = tl.maximum(run_m, tl.max(zm, axis=1))
     safe = tl.where(new_m == float("-inf"), 0.0, new_m)
     run_s = run_s * tl.exp2(run_m - safe) + tl.sum(exp2_ftz(zm - safe[:, None], UPCAST), axis=1)

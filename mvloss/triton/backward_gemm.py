@@ -33,7 +33,7 @@ from ..autograd import normalization_backward
 from . import _config, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
 from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dc_tile, dlogit_tile, dot_slice, flat_step,
-                     logit_tile, negatives_mask, row_grads, row_vectors, span_mask)
+                     logit_tile, row_grads, row_vectors, span_mask, where_ne)
 
 
 @triton.jit
@@ -66,16 +66,15 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     if NEED_DSCALE or NEED_DBIAS or GSUM:
         raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
-        valid = negatives_mask(rmask, cmask, cols, lab)
-        dz, dc = dlogit_tile(raw, c, z2, valid, thr, lse, g_lse, g_sum, scale, param, TREATMENT, CLAMP,
-                             GSUM, UPCAST)
+        dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT,
+                             CLAMP, GSUM, UPCAST)
     else:  # dc alone (a training step's flags): the shorter form.  With TARGET_AFTER the target column's entries
         # are overwritten below, so in-bounds is all the entries need
-        valid = rmask[:, None] & cmask[None, :] if TARGET_AFTER else negatives_mask(rmask, cmask, cols, lab)
-        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, valid, lse, g_lse, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT, CLAMP,
+                     HAS_BIAS, not TARGET_AFTER, UPCAST)
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
-        dc = tl.where(cols[None, :] == lab.to(tl.int32)[:, None], g_cos[:, None], dc)
+        dc = where_ne(cols[None, :], lab.to(tl.int32)[:, None], dc, g_cos[:, None], UPCAST)
     g = dc * winv[None, :]
     if SCALE_G:  # |dc| / row bound <= 1 before it is rounded to fp16
         g = g * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
