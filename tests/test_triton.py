@@ -580,6 +580,10 @@ for dtype, b, d in cases:
                             else ((False, True),)):
             r = compile_kernel(kernel, dtype, b, d, arch=90, training_step=step, whole_tiles=whole)
             check(kernel, dtype, b, d, r)
+# every other treatment (a constexpr: its own kernel, with its own selects) at the table shape, a step's flags
+for kernel in ("fwd", "dlogits"):
+    for treatment in (0, 1, 3, 4):
+        check(kernel, *cases[0], compile_kernel(kernel, *cases[0], arch=90, treatment=treatment, training_step=True))
 # the eager-CUDA glue kernel of the pre-pass, from the narrowest rows to the widest it takes
 from mvloss.triton._compile_check import compile_target_rows
 from mvloss.triton.target_rows import MAX_D
