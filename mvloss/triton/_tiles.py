@@ -234,14 +234,14 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
 
 @triton.jit
 def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
-                CLAMP: tl.constexpr, GSUM: tl.constexpr, UPCAST: tl.constexpr):
+                CLAMP: tl.constexpr, GSUM: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
     (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    p = exp2_ftz(negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, True, UPCAST), UPCAST)
+    p = exp2_ftz(negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST), UPCAST)
     dz = g_lse[:, None] * p  # 0 off the negatives
     if GSUM:
-        dz = negatives_only(dz + g_sum[:, None], 0.0, rmask, cmask, cols, lab, True, UPCAST)
+        dz = negatives_only(dz + g_sum[:, None], 0.0, rmask, cmask, cols, lab, LABELS, UPCAST)
     dc = dz * dc_factor(c, thr, scale, param, TREATMENT, UPCAST)
     if CLAMP:  # c == raw exactly where raw is in [-1, 1]
         dc = tl.where(c == raw, dc, 0.0)
@@ -263,6 +263,26 @@ def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, l
     if CLAMP:
         arg = where_within_one(raw, arg, UPCAST)
     return exp2_ftz(arg, UPCAST) * dc_factor(raw, thr, g_lse * scale, param, TREATMENT, UPCAST)
+
+
+@triton.jit
+def gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+                  TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, GSUM: tl.constexpr,
+                  WANT_DZ: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
+    """(u, dz, dc) of the raw dot tile, for the recompute kernels.  WANT_DZ (something reads dz or u: dscale, dbias,
+    the logit-sum gradient): the full form, logit_tile then dlogit_tile; otherwise dc alone (dc_tile), whose u and
+    dz are dc itself, stand-ins nothing reads.  LABELS: as in negatives_only."""
+    if WANT_DZ:
+        tl.static_assert(LABELS, "dz's readers need the target columns out of dz (TARGET_AFTER is dc alone's)")
+        raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
+        dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT,
+                             CLAMP, GSUM, LABELS, UPCAST)
+    else:
+        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT, CLAMP,
+                     HAS_BIAS, LABELS, UPCAST)
+        u = dc
+        dz = dc
+    return u, dz, dc
 
 
 @triton.jit

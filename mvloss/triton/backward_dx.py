@@ -10,8 +10,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import (column_vectors, cos_tile, dc_scale, dc_tile, dlogit_tile, logit_tile, row_grads,
-                     row_vectors)
+from ._tiles import column_vectors, cos_tile, dc_scale, gradient_tile, row_grads, row_vectors
 
 
 @triton.jit
@@ -52,13 +51,8 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, False)
         winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-        if NEED_DSCALE or GSUM:
-            raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
-            dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT,
-                                 CLAMP, GSUM, UPCAST)
-        else:  # dc alone: the shorter form
-            dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT,
-                         CLAMP, HAS_BIAS, True, UPCAST)
+        u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+                                  TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DSCALE or GSUM, True, UPCAST)
         if NEED_DSCALE:
             ds += tl.sum(dz * u, axis=1)  # dz is 0 off the negatives
         dcw = dc * winv[None, :]

@@ -32,8 +32,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ..autograd import normalization_backward
 from . import _config, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
-from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dc_tile, dlogit_tile, dot_slice, flat_step,
-                     logit_tile, row_grads, row_vectors, span_mask, where_ne)
+from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, gradient_tile, row_grads,
+                     row_vectors, span_mask, where_ne)
 
 
 @triton.jit
@@ -64,14 +64,11 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     cols = c0 + tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = span_mask(cols, c1, FULL)
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
-    if NEED_DSCALE or NEED_DBIAS or GSUM:
-        raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
-        dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT,
-                             CLAMP, GSUM, UPCAST)
-    else:  # dc alone (a training step's flags): the shorter form.  With TARGET_AFTER the target column's entries
-        # are overwritten below, so in-bounds is all the entries need
-        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT, CLAMP,
-                     HAS_BIAS, not TARGET_AFTER, UPCAST)
+    # with TARGET_AFTER (dc alone only) the target column's entries are overwritten below, so in-bounds is all the
+    # tile's entries need
+    u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+                              TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DSCALE or NEED_DBIAS or GSUM, not TARGET_AFTER,
+                              UPCAST)
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = where_ne(cols[None, :], lab.to(tl.int32)[:, None], dc, g_cos[:, None], UPCAST)
