@@ -38,6 +38,14 @@ if has tests; then
   tail -n 25 "$OUT/tests_triton.log"
   grep -h "^=== " "$OUT/failures.log" 2>/dev/null | head -n 30
 fi
+# before the build wait: these Triton tests need no extension, so they run while it builds
+if has subset; then
+  stamp "GPU test subset"
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${SUBSET_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_triton.py \
+    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back or other_tiles" \
+    > "$OUT/tests_subset.log" 2>&1
+  tail -n 4 "$OUT/tests_subset.log"
+fi
 if [ -n "$BUILD" ]; then
   wait $BUILD
   stamp "build rc=$? (tail below)"
@@ -96,13 +104,6 @@ EOF
   else
     stamp "tune: no sweep.json (run the sweep stage first)"
   fi
-fi
-if has subset; then
-  stamp "GPU test subset"
-  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${SUBSET_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_triton.py \
-    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back or other_tiles" \
-    > "$OUT/tests_subset.log" 2>&1
-  tail -n 4 "$OUT/tests_subset.log"
 fi
 if has ncu; then
   # Nsight Compute on one step's Triton kernels (speed of light, memory, warp stalls): what limits them
