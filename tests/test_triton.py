@@ -561,6 +561,7 @@ def check(kernel, dtype, b, d, r):
         assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
         assert not ws or r["tma_copies"] == 3, r
     assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
+    assert not r["rows_shifted_twice"], r  # each consumer group's rows are its own half of the row tile
     # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
     # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
     # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
@@ -620,6 +621,28 @@ def test_tma_boxes_match_catches_a_box_larger_than_its_buffer():
     assert not tma_boxes_match(copy("128x64", "64x64"), 2)
     assert not tma_boxes_match(copy("128x64", "128x64", False) + make, 2)
     assert tma_boxes_match("no copies here", 2)
+
+
+def test_rows_shifted_twice_catches_the_split_rows_offset_twice():
+    """The compile check's row-split test on a consumer partition as Triton 3.6 and 3.8 print it: rows made from the
+    copy coordinate r0 (which Triton rewrote to r0 + 64 in that group) plus an index range starting at 64 are caught;
+    rows made from the program id (_tiles.tma_row_tile) and a partition with no shifted range pass."""
+    from mvloss.triton._compile_check import rows_shifted_twice
+
+    head = ("partition1(%x_inv_ptr_0: !tt.ptr<f32>) num_warps(4) {\n"
+            "  %c64_i32_20 = arith.constant {async_task_id = array<i32: 2>} 64 : i32\n"
+            "  %c128_i32_23 = arith.constant {async_task_id = array<i32: 2>} 128 : i32\n"
+            "  %pid_b = tt.get_program_id x {async_task_id = array<i32: 2>} : i32\n"
+            "  %r0 = arith.muli %pid_b, %c128_i32_23 {async_task_id = array<i32: 2>} : i32\n"
+            "  %xt = arith.addi %r0, %c64_i32_20 {async_task_id = array<i32: 2>} : i32\n"
+            "  %rows_27 = tt.make_range {async_task_id = array<i32: 2>, end = 128 : i32, start = 64 : i32} : "
+            "tensor<64xi32, #blocked>\n")
+    twice = head + "  %rows_30 = tt.splat %xt {async_task_id = array<i32: 2>} : i32 -> tensor<64xi32, #blocked>\n"
+    once = head + "  %rows_30 = tt.splat %r64 {async_task_id = array<i32: 2>} : i64 -> tensor<64xi64, #blocked>\n"
+    assert rows_shifted_twice("ttg.warp_specialize(%a)\ndefault {\n}\n" + twice)
+    assert not rows_shifted_twice("ttg.warp_specialize(%a)\ndefault {\n}\n" + once)
+    assert not rows_shifted_twice(twice.replace("start = 64", "start = 0"))
+    assert not rows_shifted_twice("no partitions here")
 
 
 def _skip_without_ptxas():

@@ -101,6 +101,21 @@ def tma_boxes_match(ttgir: str, element_size: int) -> bool:
     return boxes <= dst
 
 
+def rows_shifted_twice(ttgir: str) -> bool:
+    """Whether a warp-specialised kernel's group offsets its row indices twice: within one partition, an index range
+    that starts at N > 0 (the group's half of the row tile) and a broadcast of a value made as ``v + N``.  Triton
+    makes the second consumer group's copy coordinate r0 + N and rewrites the group's other uses of r0 to it, so
+    rows built from r0 would be shifted twice (``_tiles.tma_row_tile`` builds them from the program id)."""
+    for body in re.split(r"\bpartition\d+\(", ttgir)[1:]:
+        consts = dict(re.findall(r"(%\w+) = arith\.constant (?:\{[^}]*\} )?(\d+) : i32", body))
+        starts = {int(n) for n in re.findall(r"tt\.make_range \{[^}]*start = (\d+) : i32", body)} - {0}
+        shifted = {v for v, c in re.findall(r"(%\w+) = arith\.addi %\w+, (%\w+)", body)
+                   if c in consts and int(consts[c]) in starts}
+        if any(v in shifted for v in re.findall(r"tt\.splat (%\w+)", body)):
+            return True
+    return False
+
+
 def _ptxas_info(ptx: str, arch: int) -> dict:
     import triton
 
@@ -225,6 +240,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                 # groups then do all the work
                 tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"),
                 tma_boxes_match=tma_boxes_match(compiled.asm["ttgir"], dtype.itemsize),
+                rows_shifted_twice=rows_shifted_twice(compiled.asm["ttgir"]),
                 # a warp-specialised kernel's partitions re-size their registers: the producer down, consumers up
                 partition_registers=sorted({int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                          ptx)}),

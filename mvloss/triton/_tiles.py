@@ -24,6 +24,16 @@ def span_mask(idx, end, FULL: tl.constexpr):
 
 
 @triton.jit
+def tma_row_tile(pid_b, BLOCK_B: tl.constexpr):
+    """(r0, rows) of the TMA kernels' row tile: r0 the x copies' row coordinate, rows the int64 row indices, made
+    from the program id and not from r0.  When Triton (3.6 and 3.8) warp-specialises a loop and splits the rows
+    between its two consumer groups, it rewrites every use of r0 in the second group to r0 + BLOCK_B / 2 and also
+    starts that group's index range at BLOCK_B / 2: rows = r0 + tl.arange(0, BLOCK_B) would then be shifted twice
+    (that group's loads and stores a half tile too far, seen on an H100)."""
+    return pid_b * BLOCK_B, pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+
+
+@triton.jit
 def dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, cmask, k0, D, sxb, sxd, swc, swd, acc,
               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + x[rows, k0:k0+BLOCK_K] . w[cols, k0:k0+BLOCK_K]^T (fp32 accumulation): one step of the cosine tile.

@@ -19,7 +19,7 @@ traces (fake tensors; the descriptors live in a global scratch buffer Triton's l
 import triton
 import triton.language as tl
 
-from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_start, span_mask
+from ._tiles import cos_tile_tma, fold_tile, row_vectors, running_end, running_start, span_mask, tma_row_tile
 
 
 @triton.jit
@@ -52,8 +52,7 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     param = tl.cast(param, tl.float32)
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
-    r0 = pid_b * BLOCK_B
-    rows = r0 + tl.arange(0, BLOCK_B)
+    r0, rows = tma_row_tile(pid_b, BLOCK_B)
     rmask = span_mask(rows, B, EVEN_B)  # EVEN_B: BLOCK_B divides B (no row masks)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
 
@@ -77,7 +76,7 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                 x_desc, w_desc, r0, c_full, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m,
                 run_s, run_z, D, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION, False, BLOCK_B, BLOCK_C, BLOCK_K)
 
-    out = pid_s.to(tl.int64) * B + rows.to(tl.int64)
+    out = pid_s.to(tl.int64) * B + rows
     run_m, run_s, run_z = running_end(run_m, run_s, run_z)
     tl.store(part_m_ptr + out, run_m, mask=rmask)
     tl.store(part_s_ptr + out, run_s, mask=rmask)
