@@ -35,7 +35,9 @@ def inv_norm_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, NA, NB, D, sab, sad, sbb
         else:
             v = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(v * v, axis=1)
-    inv = 1.0 / tl.maximum(tl.sqrt(acc), eps)
+    # IEEE sqrt and division (tl.sqrt and / are approximate on a GPU): a cosine carries both rows' errors, and at
+    # s = 64 an ulp of it is ~4e-6 of a logit
+    inv = tl.div_rn(tl.full(acc.shape, 1.0, tl.float32), tl.maximum(tl.sqrt_rn(acc), eps))
     if is_a:
         tl.store(out_a_ptr + rows64, inv, mask=rmask)
     else:

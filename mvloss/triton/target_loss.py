@@ -33,9 +33,12 @@ def margin_f(c, cos_m, sin_m, th, mm, m3, ARC: tl.constexpr, FALLBACK: tl.conste
     d = tl.full(c.shape, 1.0, tl.float32)
     if ARC:
         v = 1.0 - c * c
-        sq = tl.sqrt(tl.maximum(v, 1.1754943508222875e-38))  # margins.safe_sqrt: fp32's smallest normal number
+        # margins.safe_sqrt (fp32's smallest normal number); IEEE sqrt and division as PyTorch's (tl.sqrt and / are
+        # approximate on a GPU), since sin(theta) and f' grow an ulp's error near |cos| = 1
+        sq = tl.sqrt_rn(tl.maximum(v, 1.1754943508222875e-38))
         ctm = c * cos_m - sq * sin_m
-        dctm = tl.where(v >= 1.1754943508222875e-38, cos_m + c * sin_m / sq, cos_m)  # clamp_min passes v >= tiny
+        # clamp_min passes v >= tiny
+        dctm = tl.where(v >= 1.1754943508222875e-38, cos_m + tl.div_rn(c * sin_m, sq), cos_m)
         if FALLBACK == 1:
             keep = c > th
             f = tl.where(keep, ctm, c - mm)

@@ -26,11 +26,11 @@ def target_rows_kernel(x_ptr, w_ptr, labels_ptr, has_ptr, xhat_ptr, what_ptr, co
     x = tl.load(x_ptr + row * sxb + ds * sxd, mask=dmask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + lab * swc + ds * swd, mask=wmask, other=0.0).to(tl.float32)
     # divide by the norm, as the PyTorch path (and F.normalize) do: near |cos| = 1 the margins' sqrt(1 - cos^2)
-    # magnifies an ulp of the cosine
+    # magnifies an ulp of the cosine (IEEE sqrt and division: tl.sqrt and / are approximate on a GPU)
     if NORMALIZE_X:
-        x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
+        x = tl.div_rn(x, tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=0)), eps))
     if NORMALIZE_W:
-        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), eps)
+        w = tl.div_rn(w, tl.maximum(tl.sqrt_rn(tl.sum(w * w, axis=0)), eps))
     tl.store(xhat_ptr + row * D + ds, x, mask=dmask)
     tl.store(what_ptr + row * D + ds, w, mask=dmask)
     has = tl.load(has_ptr + row) != 0
