@@ -776,6 +776,9 @@ def test_triton_sweep_script_smoke(tmp_path):
     forms = {("forward", m) for m in ("tiles", "flat", "tma", "ws")}
     assert {(r["kernel"], r["mode"]) for r in recs} == forms | {("backward_gemm", m) for m in
                                                                 ("tiles", "persistent", "tma", "ws")}
+    for kernel, mode in {(r["kernel"], r["mode"]) for r in recs}:  # the table's tiles first and again last
+        group = [r for r in recs if (r["kernel"], r["mode"]) == (kernel, mode)]
+        assert group[0].get("table") and group[-1].get("repeat") and sum("repeat" in r for r in group) == 1, group
     best = subprocess.run([sys.executable, script, "--best", str(out)], capture_output=True, text=True, timeout=60)
     assert best.returncode == 0, best.stderr[-3000:]
     tiles = json.loads(best.stdout)
