@@ -69,8 +69,8 @@ def forward_mode() -> str:
     """MVLOSS_TRITON_FORWARD = tiles (default: a loop over class tiles, each a K loop), flat (one loop over (class
     tile, K slice) pairs, so the software pipeline spans class tiles; timed on an H100: no faster in a training
     step), tma (the tiles loop with TMA-descriptor loads, forward_tma.py) or ws (tma, the class-tile loop
-    warp-specialised).  Same sums in the same order; tma and ws are candidates not yet timed on a GPU.
-    MVLOSS_TRITON_TILES's forward "mode", where given, wins."""
+    warp-specialised).  Same sums in the same order; tma and ws are candidates (timed on an H100: NOTES.md,
+    thirteenth session).  MVLOSS_TRITON_TILES's forward "mode", where given, wins."""
     return tile_override("forward").get("mode") or _choice("MVLOSS_TRITON_FORWARD", FORWARD_MODES, "tiles")
 
 
@@ -79,7 +79,7 @@ def dlogits_mode() -> str:
     program), persistent (about one program per SM, each looping over class tiles x K slices so its loads overlap
     the epilogue; timed on an H100: 4% slower at C = 1M, bench/results/nvidia-h100-80gb-hbm3/NOTES.md), tma (the
     default form with TMA-descriptor loads) or ws (tma, each program looping over class tiles, warp-specialised as
-    the forward's ws form).  tma and ws are candidates not yet timed on a GPU.  Same values whichever.
+    the forward's ws form).  tma and ws are candidates (NOTES.md, thirteenth session).  Same values whichever.
     MVLOSS_TRITON_TILES's dlogits "mode", where given, wins."""
     return tile_override("dlogits").get("mode") or _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 

@@ -9,8 +9,8 @@ so one group's epilogue can run while the other's tensor-core work does.  That n
 consumer group; with 8 Triton leaves the loop as it is) and a row tile of 128 or more: the compiler splits the
 rows between the groups and re-makes x's descriptor for half the rows, which it can do for an in-kernel
 descriptor only (a host-side one fails to compile under triton 3.8 and is mis-compiled under 3.6, its 128-row box
-copied into 64-row buffers); with 64 rows it cannot split and both groups do all the work.  Neither form has been
-timed on a GPU yet: bench/gpu_session.sh's sweep and tune stages time them.
+copied into 64-row buffers); with 64 rows it cannot split and both groups do all the work.  Each group's rows come
+from the program id, not from r0 (``_tiles.tma_row_tile``: Triton shifts the second group's r0).
 
 The launcher falls back to the pointer kernel where descriptors cannot describe the operands (``tma.usable``: a
 feature stride other than 1, rows or bases not 16-byte aligned), under MVLOSS_AUTOTUNE=1 and while torch.compile
