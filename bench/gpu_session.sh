@@ -84,25 +84,35 @@ for r in json.load(open(sys.argv[1])):
 EOF
 fi
 if has tune; then
-  # the sweep's fastest tiles timed in the whole step beside the table's (eager and graphed): the evidence for
-  # changing the table in mvloss/triton/_config.py
-  # SWEEP_JSON: an earlier call's sweep.json, carried in the working tree ($OUT starts empty on every call)
+  # candidate tiles timed in the whole step beside the table's (eager and graphed), each alone, then the table again
+  # (the run's spread): the evidence for changing the table in mvloss/triton/_config.py. Candidates: the sweep's
+  # fastest (SWEEP_JSON: this call's sweep.json or an earlier call's, carried in the working tree -- $OUT starts
+  # empty on every call) and the files TUNE_TILES names (each MVLOSS_TRITON_TILES's JSON, e.g. bench/tiles/*.json)
   SWEEP_JSON="${SWEEP_JSON:-$OUT/sweep.json}"
+  CANDIDATES=()
   if [ -s "$SWEEP_JSON" ]; then
     "$PY" bench/triton_sweep.py --best "$SWEEP_JSON" > "$OUT/best_tiles.json"
-    stamp "tune: $(cat "$OUT/best_tiles.json")"
+    stamp "tune: the sweep's fastest $(cat "$OUT/best_tiles.json")"
+    CANDIDATES+=("$OUT/best_tiles.json")
+  fi
+  for f in ${TUNE_TILES:-}; do CANDIDATES+=("$f"); done
+  if [ ${#CANDIDATES[@]} -gt 0 ]; then
+    stamp "tune: ${CANDIDATES[*]}"
     timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
-      --C ${TUNE_C:-100000 1000000} --tiles "$OUT/best_tiles.json" --out "$OUT/timings_tuned.json" \
+      --C ${TUNE_C:-100000 1000000} --tiles "${CANDIDATES[@]}" --out "$OUT/timings_tuned.json" \
       > "$OUT/timings_tuned.log" 2>&1 || tail -n 5 "$OUT/timings_tuned.log"
     [ -s "$OUT/timings_tuned.json" ] && "$PY" - "$OUT/timings_tuned.json" <<'EOF'
 import json, sys
 for r in json.load(open(sys.argv[1])):
-    t, g = r.get("triton_tiles", {}), r.get("triton_graphed", {})
+    g, a = r.get("triton_graphed", {}), r.get("triton_again", {})
+    text = " | ".join(f"tiles {i} {t['fwd_bwd_ms']:.2f} ms (graphed {t.get('graphed_ms', float('nan')):.2f})"
+                      for i, t in enumerate(r.get("triton_tiles", []), 1))
     print(f"C={r['C']}: table {r['triton']['fwd_bwd_ms']:.2f} ms (graphed {g.get('fwd_bwd_ms', float('nan')):.2f}) | "
-          f"sweep's fastest {t.get('fwd_bwd_ms', float('nan')):.2f} ms (graphed {t.get('graphed_ms', float('nan')):.2f})")
+          f"{text} | table again {a.get('fwd_bwd_ms', float('nan')):.2f} ms "
+          f"(graphed {a.get('graphed_ms', float('nan')):.2f})")
 EOF
   else
-    stamp "tune: no sweep.json (run the sweep stage first)"
+    stamp "tune: no candidates (run the sweep stage first, or name files in TUNE_TILES)"
   fi
 fi
 if has ncu; then

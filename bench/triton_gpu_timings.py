@@ -12,7 +12,9 @@ Per shape it times, at the same dtype:
   triton_deferred_check  the same step with the label check deferred (mvloss.set_label_check("deferred")): no
               host sync, so back to back the host can issue a step while the GPU runs the one before;
   triton_graphed  the same step captured in a CUDA graph and replayed (GPU only): its GPU time without host overhead;
-  triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with those tiles (MVLOSS_TRITON_TILES);
+  triton_tiles  with --tiles: the same step (eager, and graphed on a GPU) with each candidate's tiles
+                (MVLOSS_TRITON_TILES), one record each, in order; triton_again: the table's step timed again
+                after them (the run's spread);
   triton_candidates  the same step with the candidate kernels (CANDIDATES: MVLOSS_TRITON_FORWARD=ws,
               MVLOSS_TRITON_DLOGITS=ws; before, flat and persistent, timed and dropped), to decide whether they
               become the default;
@@ -140,6 +142,16 @@ def _peak_mb(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _tiles_text(rec) -> str:
+    """' | tiles 1: a ms (graphed b) | ... | table again c ms (graphed d)' of --tiles's records, '' without."""
+    def ms(r):
+        return f"{r['fwd_bwd_ms']:.2f} ms (graphed {r.get('graphed_ms', float('nan')):.2f})"
+    if "triton_tiles" not in rec:
+        return ""
+    return "".join(f" | tiles {i}: {ms(r)}" for i, r in enumerate(rec["triton_tiles"], 1)) + \
+        f" | table again {ms(rec['triton_again'])}"
+
+
 def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34, tiles=None,
                 step_only=False):
     """The records of one shape; ``step_only``: only the Triton step, eager and graphed (and with ``tiles``)."""
@@ -236,14 +248,21 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         return dict(forward=dict(_config.forward_config(B, D, dtype), mode=_config.forward_mode()),
                     dlogits=dict(_config.dlogits_config(B, D, dtype), mode=_config.dlogits_mode()))
 
+    def step_record():
+        ms_s = timed(loss_step("triton"))
+        r = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, tiles=tiles_in_use())
+        if device.type == "cuda":
+            ms_g = graphed_ms()
+            r.update(graphed_ms=ms_g, graphed_tflops=step_flops / ms_g / 1e9)
+        return r
+
     rec["tiles"] = tiles_in_use()
     if tiles:
-        with env(MVLOSS_TRITON_TILES=tiles):
-            ms_s = timed(loss_step("triton"))
-            rec["triton_tiles"] = dict(fwd_bwd_ms=ms_s, fwd_bwd_tflops=step_flops / ms_s / 1e9, tiles=tiles_in_use())
-            if device.type == "cuda":
-                ms_g = graphed_ms()
-                rec["triton_tiles"].update(graphed_ms=ms_g, graphed_tflops=step_flops / ms_g / 1e9)
+        rec["triton_tiles"] = []
+        for candidate in tiles:  # each alone, so each change's effect is its own
+            with env(MVLOSS_TRITON_TILES=candidate):
+                rec["triton_tiles"].append(step_record())
+        rec["triton_again"] = step_record()
     if step_only:
         return rec
 
@@ -372,9 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, nargs="*", default=[128, 512])
     p.add_argument("--out", default=None, help="write the records as JSON here")
     p.add_argument("--profile", default=None, help="also write torch.profiler tables of the first shape's step here")
-    p.add_argument("--tiles", default=None, metavar="JSON",
-                   help="candidate tiles (MVLOSS_TRITON_TILES's JSON or a file of it) timed in the step beside the "
-                        "table's: the triton_tiles record")
+    p.add_argument("--tiles", nargs="+", default=None, metavar="JSON",
+                   help="candidate tiles (each MVLOSS_TRITON_TILES's JSON or a file of it), each timed alone in the "
+                        "step beside the table's, which is timed again after them: the triton_tiles records")
     p.add_argument("--step-only", action="store_true",
                    help="time only the Triton training step, eager and graphed (and with --tiles): a quick run")
     p.add_argument("--smoke", action="store_true",
@@ -401,11 +420,9 @@ def main(argv=None) -> int:
                     with open(a.out, "w") as f:
                         json.dump(records, f, indent=1)
                 if a.step_only:
-                    t, g, tt = rec["triton"], rec.get("triton_graphed", {}), rec.get("triton_tiles", {})
+                    t, g = rec["triton"], rec.get("triton_graphed", {})
                     print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton step {t['fwd_bwd_ms']:.2f} ms "
-                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})"
-                          + (f" | tiles {tt['fwd_bwd_ms']:.2f} ms (graphed {tt.get('graphed_ms', float('nan')):.2f})"
-                             if tt else ""), flush=True)
+                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})" + _tiles_text(rec), flush=True)
                 else:
                     _print_record(rec, a.dtype)
                 if device == "cuda":
@@ -427,9 +444,7 @@ def _print_record(rec, dtype_name):
              else "")
           + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
              else "")
-          + (f"tiles {rec['triton_tiles']['fwd_bwd_ms']:.2f} ms (graphed "
-             f"{rec['triton_tiles'].get('graphed_ms', float('nan')):.2f}) | " if "triton_tiles" in rec
-             else "")
+          + (_tiles_text(rec)[3:] + " | " if "triton_tiles" in rec else "")
           + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
           + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
           f"(x{gm['triton_over_gemms']:.2f})"

@@ -716,27 +716,36 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
 
 
 def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
-    """--tiles times the step again with those tiles (MVLOSS_TRITON_TILES) and records which tiles ran;
-    --step-only (the tune stage's quick run) times nothing else."""
+    """--tiles times the step again with each candidate's tiles (MVLOSS_TRITON_TILES; JSON or a file of it), one at a
+    time, records which tiles ran, and times the table's step once more after them; --step-only (the tune stage's
+    quick run) times nothing else."""
     import json
     import subprocess
     import sys
 
     script = bench_script("triton_gpu_timings.py")
     out = tmp_path / "t.json"
-    tiles = {"forward": {"BLOCK_B": 16, "BLOCK_C": 32, "num_warps": 4}, "dlogits": {"BLOCK_B": 16}}
+    first = {"forward": {"BLOCK_B": 16, "BLOCK_C": 32, "num_warps": 4}, "dlogits": {"BLOCK_B": 16}}
+    second = {"dlogits": {"BLOCK_B": 16, "BLOCK_C": 32}}
+    second_file = tmp_path / "second.json"
+    second_file.write_text(json.dumps(second))
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
-    proc = subprocess.run([sys.executable, script, *args, "--step-only", "--tiles", json.dumps(tiles), "--out",
-                           str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, script, *args, "--step-only", "--tiles", json.dumps(first),
+                           str(second_file), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
     assert set(rec) - {"triton_graphed"} == {"device", "B", "C", "D", "dtype", "tiles", "triton", "triton_tiles",
-                                             "triton_deferred_check"}
-    ran = rec["triton_tiles"]["tiles"]
-    assert rec["triton_tiles"]["fwd_bwd_ms"] > 0
-    assert {k: ran["forward"][k] for k in tiles["forward"]} == tiles["forward"]
-    assert ran["dlogits"]["BLOCK_B"] == 16 and ran["dlogits"]["BLOCK_C"] == rec["tiles"]["dlogits"]["BLOCK_C"]
-    assert rec["tiles"]["forward"]["BLOCK_B"] != 16 or rec["tiles"]["forward"]["BLOCK_C"] != 32  # the table's
+                                             "triton_again", "triton_deferred_check"}
+    table = rec["tiles"]
+    assert rec["triton_again"]["tiles"] == table and rec["triton_again"]["fwd_bwd_ms"] > 0
+    assert table["forward"]["BLOCK_B"] != 16 or table["forward"]["BLOCK_C"] != 32  # the table's
+    ran1, ran2 = (r["tiles"] for r in rec["triton_tiles"])
+    assert all(r["fwd_bwd_ms"] > 0 for r in rec["triton_tiles"])
+    assert {k: ran1["forward"][k] for k in first["forward"]} == first["forward"]
+    assert ran1["dlogits"]["BLOCK_B"] == 16 and ran1["dlogits"]["BLOCK_C"] == table["dlogits"]["BLOCK_C"]
+    # the second candidate alone: the forward the table's, nothing of the first left over
+    assert ran2["forward"] == table["forward"] and (ran2["dlogits"]["BLOCK_B"], ran2["dlogits"]["BLOCK_C"]) == (16, 32)
+    assert "table again" in proc.stdout and "tiles 2:" in proc.stdout
 
 
 def test_triton_accuracy_script(tmp_path):
