@@ -150,7 +150,8 @@ def main() -> None:
                                                                         1.0))  # RSS is not exact below ~1 MB
     command = "python bench/bench_cpu.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": args.threads or torch.get_num_threads(), "shape": {"B": args.batch, "D": args.dim, "C": args.classes},
+            "threads": args.threads or torch.get_num_threads(),
+            "shape": {"B": args.batch, "D": args.dim, "C": args.classes},
             "dtype": args.dtype, "loss": "MV-Arc: m2=0.5, mv=adaptive, t=0.2, scale=32",
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
@@ -160,7 +161,8 @@ def main() -> None:
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "summary": summary, "results": results}, fh, indent=2)
     lines = ["# CPU backend benchmark", "", f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['threads']} torch threads), torch {meta['torch']}  ",
+             f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['threads']} torch threads), "
+             f"torch {meta['torch']}  ",
              f"Shape: B={args.batch}, D={args.dim}, C={args.classes}, {args.dtype}; {meta['loss']}; "
              f"forward+backward, median of {args.iters} steps; {meta['date_utc']} UTC", "",
              "| backend | fwd+bwd ms (median) | min ms | extra peak RSS MB, whole step | "

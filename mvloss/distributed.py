@@ -251,10 +251,10 @@ class ClassParallelHead(nn.Module):
 
     ``forward(local_feats, local_labels)`` returns the loss of the global batch (every rank's rows), the same value on
     every rank; with ``reduction="none"`` the per-row losses of the global batch, rank 0's rows first.  Back-propagate
-    the same expression of it on every rank (``loss.backward()``): the collectives' backward relies on it.  ``loss_kwargs`` are the options of
-    ``mvloss.functional.margin_softmax_loss`` (scale, m1, m2, m3, mv, t, preset, ignore_index, reduction,
-    label_smoothing, focal_gamma, hard_ratio, ...); a class bias is not supported.  Ranks may pass different
-    numbers of rows (even zero).
+    the same expression of it on every rank (``loss.backward()``): the collectives' backward relies on it.
+    ``loss_kwargs`` are the options of ``mvloss.functional.margin_softmax_loss`` (scale, m1, m2, m3, mv, t, preset,
+    ignore_index, reduction, label_smoothing, focal_gamma, hard_ratio, ...); a class bias is not supported.  Ranks
+    may pass different numbers of rows (even zero).
 
     ``weight`` is this rank's (num_local, D) shard, classes [class_start, class_start + num_local) in the
     insightface split (see ``class_split``); ``state_dict()`` is the per-rank shard (and ``t`` for CurricularFace),
