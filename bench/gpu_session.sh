@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu, cudaws
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu, cudaws, tritonws
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -153,6 +153,18 @@ if has cudaws; then
       --dtype bf16 --B 1024 --D 512 --C 100000 1000000 --passes fwd+bwd --budget 0.5 --no-plots \
       --out "cudaws_out_$elems" --methods mvloss:cuda > "$OUT/cudaws_$elems.log" 2>&1
     grep "^row " "$OUT/cudaws_$elems.log" | tail -n 2
+  done
+fi
+if has tritonws; then
+  # the Triton backward's class chunk: B x n bf16 dc tiles per chunk, n = MVLOSS_TRITON_WORKSPACE_ELEMS / B (default
+  # 32M: 32768 classes at B = 1024, 64 MB, more than the H100's 50 MB L2; smaller chunks may keep the workspace in L2
+  # between the recompute kernel and its two GEMMs, at the price of more launches a step)
+  for elems in ${TRITON_WS:-8388608 16777216 33554432 67108864}; do
+    stamp "triton backward, MVLOSS_TRITON_WORKSPACE_ELEMS=$elems"
+    MVLOSS_TRITON_WORKSPACE_ELEMS=$elems timeout "${TRITONWS_TIMEOUT:-120}" "$PY" bench/triton_gpu_timings.py \
+      --step-only --B 1024 --D 512 --C ${TRITONWS_C:-1000000} --out "$OUT/tritonws_$elems.json" \
+      > "$OUT/tritonws_$elems.log" 2>&1
+    tail -n 1 "$OUT/tritonws_$elems.log"
   done
 fi
 if has largest; then
