@@ -158,7 +158,7 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[c1, D], strides=[swc, 1], block_shape=[BLOCK_C, BLOCK_K])
     pid_b = tl.program_id(0)
     param = tl.cast(param, tl.float32)
-    r0, rows = tma_row_tile(pid_b, BLOCK_B)  # int64
+    r0, rows = tma_row_tile(pid_b, BLOCK_B)
     rmask = span_mask(rows, B, EVEN_B)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
     lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
@@ -167,14 +167,14 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
                              warp_specialize=WARP_SPECIALIZE):
             acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST,
                                PRECISION)
-            store_dlogits(acc, tile, rows, rows, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+            store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                           w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
                           param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
                           FULL, TARGET_AFTER, BLOCK_C)
     else:
         tile = tl.program_id(1)
         acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        store_dlogits(acc, tile, rows, rows, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+        store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
                       w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
                       TARGET_AFTER, BLOCK_C)

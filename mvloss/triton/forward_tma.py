@@ -76,7 +76,7 @@ def neg_lse_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
                 x_desc, w_desc, r0, c_full, c_end, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_ptr, param, run_m,
                 run_s, run_z, D, TREATMENT, CLAMP, HAS_BIAS, ZSUM, UPCAST, PRECISION, False, BLOCK_B, BLOCK_C, BLOCK_K)
 
-    out = pid_s.to(tl.int64) * B + rows
+    out = pid_s.to(tl.int64) * B + rows.to(tl.int64)
     run_m, run_s, run_z = running_end(run_m, run_s, run_z)
     tl.store(part_m_ptr + out, run_m, mask=rmask)
     tl.store(part_s_ptr + out, run_s, mask=rmask)
