@@ -207,6 +207,28 @@ def test_cuda_deferred_step_never_syncs(backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["tiles", "tma"])
+def test_cuda_deferred_multi_chunk_bf16_step_never_syncs(form, monkeypatch):
+    """On a GPU, a training step as the benchmarks run it (bf16, the backward in twelve class chunks, the pointer and
+    the TMA kernels) issues no host sync under the deferred check: the chunk loop is host code a sync would stall."""
+    _needs("triton")
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(64 * 256))  # B = 64: 256 classes a chunk
+    monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", form)
+    monkeypatch.setenv("MVLOSS_TRITON_FORWARD", form)
+    x, w, y = (t.cuda() for t in make_inputs(64, 3000, 64, torch.bfloat16, seed=4))
+    mvloss.set_label_check("deferred")
+    try:
+        _loss_and_grads(x, w, y, "triton")  # compiles the kernels (their first launch may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(2):
+            loss, gx, gw = _loss_and_grads(x, w, y, "triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+
+
 def test_deferred_mode_compiles_fullgraph_and_leaves_nothing_pending():
     """Under torch.compile neither mode checks (no host code at run time): the deferred mode traces without a break
     and gives the eager loss of good labels."""
