@@ -23,7 +23,8 @@ Per shape it times, at the same dtype:
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
   chunked     the pure-PyTorch chunked backend (same loss);
   gemms       the three bare cuBLAS GEMMs the loss must do (x W^T, dZ W, dZ^T x) at the input dtype: the floor;
-  eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C);
+  eager       the head users have: F.linear on normalised inputs + margin + cross_entropy (materialises B x C),
+              the same MV-Arc loss (mvloss.bench.methods.eager_head_loss, the bench grid's eager_head);
   eager_compiled  the same head under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips).
 TFLOP/s counts 2 B C D for a forward and 8 B C D for forward+backward (one forward, one recompute, dX and dW), the
 same count for every row so the numbers compare.  Peak MB is torch.cuda.max_memory_allocated() above what was
@@ -327,14 +328,13 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
                         triton_over_gemms=rec["triton"]["fwd_bwd_ms"] / ms_g)
 
     if B * C * 4 * 3 <= skip_eager_above:
-        import torch.nn.functional as tF
+        from mvloss.bench.methods import LOSSES, eager_head_loss
+
+        # the MV-Arc head as insightface / FaceX-Zoo write it, the step's own loss (before, a plain ArcFace head)
+        assert LOSSES["mv_arc"] == dict(m2=MV_ARC["margin"], mv=MV_ARC["mv"], t=MV_ARC["t"], scale=MV_ARC["scale"])
 
         def eager_loss(x, w, y):
-            cos = tF.linear(tF.normalize(x), tF.normalize(w)).float()
-            onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, y[:, None], True)
-            theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-            logits = torch.where(onehot, torch.cos(theta + 0.5), cos) * 32.0
-            return tF.cross_entropy(logits, y)
+            return eager_head_loss(x, w, y, "mv_arc")
 
         def head_step(loss_fn):
             def step():
