@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests), ncu, cudaws, tritonws
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, profile
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -42,7 +42,7 @@ fi
 if has subset; then
   stamp "GPU test subset"
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${SUBSET_TIMEOUT:-90}" "${PYTEST[@]}" tests/test_triton.py \
-    -k "peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back or other_tiles" \
+    -k "${SUBSET_K:-peak_memory or one_million or deterministic or compile_fullgraph or backward_modes or bf16 or capture or opcheck or loop_forms or falls_back or other_tiles}" \
     > "$OUT/tests_subset.log" 2>&1
   tail -n 4 "$OUT/tests_subset.log"
 fi
@@ -166,6 +166,16 @@ if has tritonws; then
       > "$OUT/tritonws_$elems.log" 2>&1
     tail -n 1 "$OUT/tritonws_$elems.log"
   done
+fi
+if has profile; then
+  # torch.profiler tables of three Triton training steps (host and device time per op) at PROFILE_C: where an eager
+  # step's host time goes (at 1M its host issue time was nearly its GPU time, NOTES.md, thirteenth session)
+  stamp "profile, C = ${PROFILE_C:-1000000}"
+  timeout "${PROFILE_TIMEOUT:-120}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
+    --C ${PROFILE_C:-1000000} --profile "$OUT/profile.txt" --out "$OUT/timings_profiled.json" \
+    > "$OUT/profile.log" 2>&1
+  tail -n 1 "$OUT/profile.log"
+  head -n 30 "$OUT/profile.txt" 2>/dev/null | cut -c1-160
 fi
 if has largest; then
   stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"
