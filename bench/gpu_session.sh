@@ -101,16 +101,7 @@ if has tune; then
     timeout "${TUNE_TIMEOUT:-150}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
       --C ${TUNE_C:-100000 1000000} --tiles "${CANDIDATES[@]}" --out "$OUT/timings_tuned.json" \
       > "$OUT/timings_tuned.log" 2>&1 || tail -n 5 "$OUT/timings_tuned.log"
-    [ -s "$OUT/timings_tuned.json" ] && "$PY" - "$OUT/timings_tuned.json" <<'EOF'
-import json, sys
-for r in json.load(open(sys.argv[1])):
-    g, a = r.get("triton_graphed", {}), r.get("triton_again", {})
-    text = " | ".join(f"tiles {i} {t['fwd_bwd_ms']:.2f} ms (graphed {t.get('graphed_ms', float('nan')):.2f})"
-                      for i, t in enumerate(r.get("triton_tiles", []), 1))
-    print(f"C={r['C']}: table {r['triton']['fwd_bwd_ms']:.2f} ms (graphed {g.get('fwd_bwd_ms', float('nan')):.2f}) | "
-          f"{text} | table again {a.get('fwd_bwd_ms', float('nan')):.2f} ms "
-          f"(graphed {a.get('graphed_ms', float('nan')):.2f})")
-EOF
+    grep "triton step" "$OUT/timings_tuned.log"  # per shape: the table's, each candidate's, the table's again
   else
     stamp "tune: no candidates (run the sweep stage first, or name files in TUNE_TILES)"
   fi

@@ -143,14 +143,14 @@ def _peak_mb(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _tiles_text(rec) -> str:
-    """' | tiles 1: a ms (graphed b) | ... | table again c ms (graphed d)' of --tiles's records, '' without."""
+def _tiles_parts(rec) -> list:
+    """['tiles 1: a ms (graphed b)', ..., 'table again c ms (graphed d)'] of --tiles's records, [] without."""
     def ms(r):
         return f"{r['fwd_bwd_ms']:.2f} ms (graphed {r.get('graphed_ms', float('nan')):.2f})"
     if "triton_tiles" not in rec:
-        return ""
-    return "".join(f" | tiles {i}: {ms(r)}" for i, r in enumerate(rec["triton_tiles"], 1)) + \
-        f" | table again {ms(rec['triton_again'])}"
+        return []
+    return [f"tiles {i}: {ms(r)}" for i, r in enumerate(rec["triton_tiles"], 1)] + \
+        [f"table again {ms(rec['triton_again'])}"]
 
 
 def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_above=2**34, tiles=None,
@@ -422,7 +422,8 @@ def main(argv=None) -> int:
                 if a.step_only:
                     t, g = rec["triton"], rec.get("triton_graphed", {})
                     print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton step {t['fwd_bwd_ms']:.2f} ms "
-                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})" + _tiles_text(rec), flush=True)
+                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})"
+                          + "".join(f" | {t}" for t in _tiles_parts(rec)), flush=True)
                 else:
                     _print_record(rec, a.dtype)
                 if device == "cuda":
@@ -444,7 +445,7 @@ def _print_record(rec, dtype_name):
              else "")
           + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
              else "")
-          + (_tiles_text(rec)[3:] + " | " if "triton_tiles" in rec else "")
+          + "".join(f"{t} | " for t in _tiles_parts(rec))
           + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
           + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "
           f"(x{gm['triton_over_gemms']:.2f})"
