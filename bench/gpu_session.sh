@@ -167,6 +167,8 @@ if has profile; then
     > "$OUT/profile.log" 2>&1
   tail -n 1 "$OUT/profile.log"
   head -n 30 "$OUT/profile.txt" 2>/dev/null | cut -c1-160
+  sed -n '/^Host calls that can wait/,/^cProfile of/p' "$OUT/profile.txt" 2>/dev/null | head -n 40 | cut -c1-160
+  sed -n '/^cProfile of/,$p' "$OUT/profile.txt" 2>/dev/null | head -n 45 | cut -c1-160
 fi
 if has largest; then
   stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"

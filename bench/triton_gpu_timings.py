@@ -116,6 +116,24 @@ def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def _host_issue_split_ms(loss_fn, device: torch.device, iters: int) -> dict:
+    """Median wall milliseconds until the forward returns and until its backward returns, the device idle at the start
+    of each: which half of a step makes its host wait (a half whose issue time is near its GPU time waits on the
+    device somewhere inside)."""
+    fwd, bwd = [], []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        fwd.append(1e3 * (time.perf_counter() - t0))
+        _sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        bwd.append(1e3 * (time.perf_counter() - t0))
+    _sync(device)
+    return dict(host_issue_fwd_ms=sorted(fwd)[len(fwd) // 2], host_issue_bwd_ms=sorted(bwd)[len(bwd) // 2])
+
+
 def _steady_ms(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Milliseconds per call of fn run back to back, as a training loop runs its steps: the host may issue the next
     call while the GPU still works on this one (the per-call timings above wait for the GPU after each call)."""
@@ -176,11 +194,16 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     def steady(fn):
         return _steady_ms(fn, device, warmup, iters)
 
-    def loss_step(backend):
-        def step():
+    def loss_with_grad(backend):
+        def fwd():
             x.grad = None
             w.grad = None
-            F.arcface_loss(x, w, y, backend=backend, **kw).backward()
+            return F.arcface_loss(x, w, y, backend=backend, **kw)
+        return fwd
+
+    def loss_step(backend):
+        def step():
+            loss_with_grad(backend)().backward()
         return step
 
     def loss_fwd(backend):
@@ -199,6 +222,7 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
         rec[backend] = dict(fwd_ms=ms_f, fwd_bwd_ms=ms_s, fwd_tflops=fwd_flops / ms_f / 1e9,
                             fwd_bwd_tflops=step_flops / ms_s / 1e9, peak_mb=peak(loss_step(backend)),
                             host_issue_ms=_host_issue_ms(loss_step(backend), device, iters),
+                            **_host_issue_split_ms(loss_with_grad(backend), device, iters),
                             steady_ms=steady(loss_step(backend)))
 
     # the eager step without its one host sync (the label check deferred, mvloss.label_check), back to back and
@@ -209,7 +233,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     try:
         rec["triton_deferred_check"] = dict(fwd_bwd_ms=timed(loss_step("triton")),
                                             steady_ms=steady(loss_step("triton")),
-                                            host_issue_ms=_host_issue_ms(loss_step("triton"), device, iters))
+                                            host_issue_ms=_host_issue_ms(loss_step("triton"), device, iters),
+                                            **_host_issue_split_ms(loss_with_grad("triton"), device, iters))
     finally:
         label_check.set_label_check(old_check)
 
@@ -354,7 +379,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
 
 
 def profile_step(B, C, D, dtype, path, device="cuda"):
-    """torch.profiler tables of three Triton-backend training steps (host time and device time per op) -> path."""
+    """torch.profiler tables of three Triton-backend training steps (host time and device time per op), then a
+    cProfile of three more (host Python by function) -> path."""
     from torch.profiler import ProfilerActivity, profile
 
     from mvloss import functional as F
@@ -370,7 +396,8 @@ def profile_step(B, C, D, dtype, path, device="cuda"):
         step()
     _sync(torch.device(device))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    # the stacks only on a GPU: under the interpreter every kernel is thousands of profiled ops, too slow to parse
+    with profile(activities=acts, with_stack=device == "cuda") as prof:
         for _ in range(3):
             step()
         _sync(torch.device(device))
@@ -381,6 +408,47 @@ def profile_step(B, C, D, dtype, path, device="cuda"):
         if device == "cuda":
             f.write("\n\n")
             f.write(avg.table(sort_by="self_cuda_time_total", row_limit=30))
+            f.write("\n\n" + blocking_calls_text(prof.key_averages(group_by_stack_n=12)))
+        f.write("\n\n" + python_profile_text(step, torch.device(device)))
+
+
+def python_profile_text(step, device: torch.device, steps: int = 3) -> str:
+    """cProfile of ``steps`` eager steps, the device synced after them: the host's Python time by function (Triton's
+    launcher, mvloss's glue, the dispatcher's Python), which torch.profiler books as its ops' self time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    prof.disable()
+    out = io.StringIO()
+    out.write(f"cProfile of {steps} steps (host Python by function; cProfile's own overhead included):\n")
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+    return out.getvalue()
+
+
+# CUDA runtime / driver calls that can hold the host until the device catches up (a sync, a pageable copy, an
+# allocation that frees or maps memory).
+BLOCKING_CALL_WORDS = ("Synchronize", "Memcpy", "Malloc", "Free", "cuMem", "EventQuery")
+
+
+def blocking_calls_text(averages) -> str:
+    """The profiled host calls that may wait on the device, by the Python stack that made them, slowest first."""
+    rows = [a for a in averages if any(word in a.key for word in BLOCKING_CALL_WORDS)]
+    rows.sort(key=lambda a: -a.self_cpu_time_total)
+    lines = ["Host calls that can wait on the device (self CPU time over the profiled steps, by Python stack):"]
+    for a in rows:
+        lines.append(f"{a.key}: {a.count} calls, {a.self_cpu_time_total / 1e3:.3f} ms")
+        lines += [f"    {frame}" for frame in (a.stack or [])]
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -422,7 +490,9 @@ def main(argv=None) -> int:
                 if a.step_only:
                     t, g = rec["triton"], rec.get("triton_graphed", {})
                     print(f"{rec['device']} {a.dtype} B={B} C={C} D={D}: triton step {t['fwd_bwd_ms']:.2f} ms "
-                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f})"
+                          f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f}; host issue "
+                          f"{t['host_issue_ms']:.2f}: forward {t['host_issue_fwd_ms']:.2f}, backward "
+                          f"{t['host_issue_bwd_ms']:.2f})"
                           + "".join(f" | {t}" for t in _tiles_parts(rec)), flush=True)
                 else:
                     _print_record(rec, a.dtype)

@@ -704,15 +704,41 @@ def test_triton_gpu_timings_script_smoke(tmp_path):
     script = bench_script("triton_gpu_timings.py")
     out = tmp_path / "t.json"
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
-    proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
+    profile = tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, script, *args, "--out", str(out), "--profile", str(profile)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())[0]
     assert {"device", "triton", "triton_ops", "chunked", "gemms", "triton_candidates"} <= set(rec)
     assert rec["triton_candidates"]["fwd_bwd_ms"] > 0 and rec["triton_ops"]["bwd_w_candidate_ms"] > 0
     assert 0 < rec["triton"]["host_issue_ms"] <= 2 * rec["triton"]["fwd_bwd_ms"] + 50  # at most a step, plus noise
+    for r in (rec["triton"], rec["chunked"], rec["triton_deferred_check"]):  # each half of a step, issued alone
+        assert 0 < r["host_issue_fwd_ms"] and 0 < r["host_issue_bwd_ms"], r
+    text = profile.read_text()
+    assert "3 steps" in text and "mvloss::triton_neg_forward" in text and "mvloss::triton_neg_backward_w" in text
+    python_part = text[text.index("cProfile of 3 steps"):]
+    assert "mvloss/triton/ops.py" in python_part and "(triton_neg_backward_w)" in python_part
     assert 0 < rec["triton"]["steady_ms"] and 0 < rec["triton_deferred_check"]["steady_ms"]
     assert "triton_tiles" not in rec  # only with --tiles
+
+
+def test_triton_gpu_timings_blocking_calls_text():
+    """The profile's last table: the host calls that can wait on the device (syncs, copies, allocations), slowest
+    first, each with the Python stack that made it; other calls are left out."""
+    import importlib.util as iu
+    from types import SimpleNamespace as Avg
+
+    spec = iu.spec_from_file_location("triton_gpu_timings", bench_script("triton_gpu_timings.py"))
+    timings = iu.module_from_spec(spec)
+    spec.loader.exec_module(timings)
+    rows = [Avg(key="cudaLaunchKernel", count=90, self_cpu_time_total=900.0, stack=["a.py(1): f"]),
+            Avg(key="cudaMemcpyAsync", count=3, self_cpu_time_total=40.0, stack=["mvloss/loss.py(7): g"]),
+            Avg(key="cudaStreamSynchronize", count=3, self_cpu_time_total=7000.0, stack=["mvloss/x.py(3): h", "b"])]
+    text = timings.blocking_calls_text(rows)
+    assert "cudaLaunchKernel" not in text
+    sync, copy = text.index("cudaStreamSynchronize: 3 calls, 7.000 ms"), text.index("cudaMemcpyAsync: 3 calls")
+    assert sync < copy and "    mvloss/x.py(3): h\n    b\n" in text and "    mvloss/loss.py(7): g" in text
+    assert timings.blocking_calls_text(rows[:1]).endswith("(none)\n")
 
 
 def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
