@@ -90,3 +90,55 @@ def test_host_time_with_backward_gemms_stubbed():
 
     real, stubbed = host_us(), host_us("--stub-gemms")
     assert 10 < stubbed < 0.9 * real, (stubbed, real)
+
+
+@pytest.mark.parametrize("label_check", ["sync", "deferred"])
+def test_host_time_with_triton_launch_path(label_check):
+    """--jit-launch-path: every Triton launch of the step goes through Triton's own launch path (kernels compiled for
+    sm_90 under a stand-in driver; only the C launch is a no-op): as many launches as the count, each costing the
+    host a real number of microseconds, and none through torch's higher-order op, whose eager dispatch is ~0.3 ms of
+    host time (mvloss.triton._config.launcher launches plain eager tensors directly)."""
+    cmd = [sys.executable, "-m", "mvloss.bench.launches", "--backend", "triton", "--B", "8", "--C", "3000", "--D",
+           "8", "--chunks", "4", "--host-time", "--stub-gemms", "--jit-launch-path", "--label-check", label_check,
+           "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    counted = _count("triton") if label_check == "sync" else None
+    if counted is not None:
+        assert out["triton_launches"] == counted["triton"], (out["by_kernel"], counted["by_op"])
+    assert out["by_kernel"]["neg_dlogits_kernel"] == 4 and out["higher_order_op_launches"] == {}, out
+    assert 10 < out["stubbed_us_per_step"] < out["host_us_per_step"] < 200_000, out
+
+
+def test_launcher_skips_the_higher_order_op_only_for_plain_eager_tensors():
+    """mvloss.triton._config.launcher gives the kernel itself for plain tensors with nothing tracing, and torch's
+    traceable wrapper without operands, under a dispatch mode (what make_fx and torch.compile trace with) or for
+    tensor subclasses; run with compiled kernels (--jit-launch-path's stand-in driver), where the two differ."""
+    code = """
+import torch
+from mvloss.bench.launches import install_jit_launch_driver
+install_jit_launch_driver()
+from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from mvloss.triton import _config
+from mvloss.triton.norm_backward import norm_backward_kernel as k
+
+class Passing(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+t = torch.ones(2, 3)
+assert _config.launcher(k, t, t) is k and _config.launcher(k, torch.nn.Parameter(t)) is k
+assert isinstance(_config.launcher(k), TraceableTritonKernelWrapper)
+with Passing():
+    assert isinstance(_config.launcher(k, t), TraceableTritonKernelWrapper)
+with FakeTensorMode() as mode:
+    fake = mode.from_tensor(t)
+assert isinstance(_config.launcher(k, fake, t), TraceableTritonKernelWrapper)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -416,8 +416,8 @@ def test_triton_kernel_launches_get_whole_tensors(monkeypatch):
     views = []
     real = _config.launcher
 
-    def spying_launcher(kernel):
-        launch = real(kernel)
+    def spying_launcher(kernel, *operands):
+        launch = real(kernel, *operands)
 
         class Spy:
             def __getitem__(self, grid):

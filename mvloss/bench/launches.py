@@ -14,6 +14,7 @@ GEMM), so the count is the one a GPU step would have.
 
     python -m mvloss.bench.launches --backend triton --B 64 --C 3000 --D 32 --chunks 4
     python -m mvloss.bench.launches --host-time --B 8 --C 256 --D 8     # host microseconds per step, launches stubbed
+    python -m mvloss.bench.launches --host-time --jit-launch-path ...   # and with Triton's own launch path
 """
 from __future__ import annotations
 
@@ -245,17 +246,19 @@ def _stubbed_gemms():
 
 
 def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cuda_paths: bool = True,
-                 stub_gemms: bool = False) -> float:
+                 stub_gemms: bool = False, stub_triton: bool = True) -> float:
     """Host microseconds per call of ``step`` (best of ``repeats`` means over ``reps`` calls) with the eager-CUDA
     branches and every Triton launch stubbed: the Python and dispatcher time of an eager step on this host, which a
     GPU step adds to its kernels wherever they wait for their launches.  Use tiny shapes: the ATen ops still compute
-    on the CPU (``stub_gemms``: not the Triton backward's per-chunk GEMMs)."""
+    on the CPU (``stub_gemms``: not the Triton backward's per-chunk GEMMs).  ``stub_triton=False`` keeps Triton's
+    launch path (for use with ``install_jit_launch_driver``)."""
     import time
 
     paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
     with paths:
         step()  # warm, with the real kernels
-        with _stubbed_triton(), (_stubbed_gemms() if stub_gemms else contextlib.nullcontext()):
+        with (_stubbed_triton() if stub_triton else contextlib.nullcontext()), \
+                (_stubbed_gemms() if stub_gemms else contextlib.nullcontext()):
             for _ in range(20):
                 step()
             best = float("inf")
@@ -265,6 +268,67 @@ def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cu
                     step()
                 best = min(best, (time.perf_counter() - t0) / reps)
     return best * 1e6
+
+
+def install_jit_launch_driver() -> collections.Counter:
+    """Lets Triton's own launch path run on a CPU: a stand-in driver reports an sm_90 device, so every kernel compiles
+    for it as on an H100 and each launch goes through torch's wrapper, Triton's binder, its cache lookup and its
+    launcher object; only the final C launch (the CUDA driver call) does nothing but count itself by kernel name in
+    the returned Counter (and run ``_STAND_INS``, whose outputs the host reads).  Call it before mvloss's Triton
+    kernels are imported, in a process without TRITON_INTERPRET=1: it imports them as compiled kernels, then sets
+    TRITON_INTERPRET=1 so that mvloss's own checks let the triton backend take CPU tensors."""
+    import importlib
+    import pkgutil
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    launched: collections.Counter = collections.Counter()
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return 1, 1, 64, 0, 1024  # module, function, registers, spills, max threads: any loaded kernel
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    class StandInDriver:
+        utils = Utils()
+
+        def is_active(self):
+            return True
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def launcher_cls(self, src, metadata):
+            name = getattr(getattr(src, "fn", None), "__name__", "triton_kernel")
+            stand_in = _STAND_INS.get(name)
+
+            def launch(*args):  # grid (3), stream, function, metadata, launch metadata, two hooks, the arguments
+                launched[name] += 1
+                if stand_in is not None:
+                    stand_in(*args[9:])
+            return launch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("install_jit_launch_driver needs a process without TRITON_INTERPRET=1")
+    driver.set_active(StandInDriver())
+    from .. import triton as kernels
+
+    for module in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"{kernels.__name__}.{module.name}")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return launched
 
 
 def workspace_for_chunks(B: int, C: int, D: int, dtype: torch.dtype, chunks: int) -> int:
@@ -349,9 +413,22 @@ def main(argv=None) -> int:
                    "launches stubbed) instead of the launch count")
     p.add_argument("--stub-gemms", action="store_true", help="with --host-time: the Triton backward's per-chunk "
                    "GEMMs return at once too (the CPU computes them; a GPU host only launches them)")
+    p.add_argument("--jit-launch-path", action="store_true", help="with --host-time: also time the step with "
+                   "Triton's own launch path (kernels compiled for sm_90 under a stand-in driver; only the final C "
+                   "launch is a no-op) and report its cost per Triton launch")
     p.add_argument("--table", metavar="PATH.md", help="write the standard table (triton at 4 and 31 class chunks, "
                    "the shapes of C = 100k and 1M at B = 1024; cpu; chunked) to a Markdown file")
     args = p.parse_args(argv)
+    launched = None
+    if args.jit_launch_path:
+        if not args.host_time:
+            p.error("--jit-launch-path goes with --host-time")
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must import compiled, not interpreted
+            import sys
+
+            os.environ.pop("TRITON_INTERPRET")
+            os.execv(sys.executable, [sys.executable, "-m", "mvloss.bench.launches", *(argv or sys.argv[1:])])
+        launched = install_jit_launch_driver()
     if os.environ.get("TRITON_INTERPRET") != "1":
         # the counts run on the CPU, Triton in its interpreter: that must be chosen before Triton is first imported
         # (importing mvloss already does), so start again with it set
@@ -371,6 +448,8 @@ def main(argv=None) -> int:
     if args.host_time:
         torch.set_num_threads(1)
         us = host_time_us(step, cuda_paths=not args.no_cuda_paths, stub_gemms=args.stub_gemms)
+        if launched is not None:
+            return _print_jit_launch_path(args, step, us, launched)
         if args.json:
             import json
 
@@ -391,6 +470,52 @@ def main(argv=None) -> int:
           f"{result['triton']} Triton), {result['syncs']} syncs")
     for name, n in result["by_site" if args.sites else "by_op"].items():
         print(f"  {n:4d}  {name}")
+    return 0
+
+
+@contextlib.contextmanager
+def _counting_hop_launches(counts: collections.Counter):
+    """Counts the launches that go through torch's higher-order op (``wrap_triton`` outside a ``triton_op`` in eager
+    mode: a dispatch of its own, ~0.3 ms of host time each on the CPU VM)."""
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+    from torch._library.triton import is_wrap_triton_enabled
+
+    saved = TraceableTritonKernelWrapper.__call__
+
+    def call(self, *args, **kwargs):
+        if is_wrap_triton_enabled():
+            counts[getattr(getattr(self.kernel, "fn", None), "__name__", "triton_kernel")] += 1
+        return saved(self, *args, **kwargs)
+
+    TraceableTritonKernelWrapper.__call__ = call
+    try:
+        yield
+    finally:
+        TraceableTritonKernelWrapper.__call__ = saved
+
+
+def _print_jit_launch_path(args, step, stubbed_us: float, launched: collections.Counter) -> int:
+    """--jit-launch-path: the step's host time with Triton's launch path against ``stubbed_us`` (launches stubbed),
+    the difference per Triton launch, and how many launches went through torch's higher-order op."""
+    real_us = host_time_us(step, cuda_paths=not args.no_cuda_paths, stub_gemms=args.stub_gemms, stub_triton=False)
+    launched.clear()
+    hop: collections.Counter = collections.Counter()
+    with _cuda_paths() if not args.no_cuda_paths else contextlib.nullcontext(), _counting_hop_launches(hop):
+        step()
+    n = sum(launched.values())
+    per_launch = (real_us - stubbed_us) / max(n, 1)
+    if args.json:
+        import json
+
+        print(json.dumps({"host_us_per_step": real_us, "stubbed_us_per_step": stubbed_us, "triton_launches": n,
+                          "us_per_triton_launch": per_launch, "by_kernel": dict(launched),
+                          "higher_order_op_launches": dict(hop)}))
+    else:
+        print(f"{args.backend} {args.loss} B={args.B} C={args.C} D={args.D} {args.dtype} chunks={args.chunks} "
+              f"label check {args.label_check}: {real_us:.0f} us of host time per step with Triton's launch path "
+              f"(kernels compiled for sm_90, the C launch a no-op), {stubbed_us:.0f} us with the launches stubbed: "
+              f"{per_launch:.1f} us a Triton launch ({n} a step, {sum(hop.values())} through torch's higher-order "
+              f"op; one thread{', backward GEMMs stubbed' if args.stub_gemms else ''})")
     return 0
 
 

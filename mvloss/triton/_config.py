@@ -349,11 +349,18 @@ def autotune_configs(kind: str):
     return out
 
 
-def launcher(kernel):
+def launcher(kernel, *operands):
     """``torch.library.wrap_triton(kernel)``, so the launch traces under torch.compile.  torch <= 2.11 rejects the
     interpreter's kernel objects (TRITON_INTERPRET=1); there the kernel launches eagerly, which is all the interpreter
     can do anyway.  (Made at each launch, not cached: the wrapper holds its kernel's index in torch's kernel side
-    table, which torch._dynamo.reset() empties.)"""
+    table, which torch._dynamo.reset() empties.)
+
+    With ``operands`` (the launch's tensors) that are plain tensors and nothing tracing, the kernel itself: outside
+    a ``triton_op`` the wrapper launches through torch's higher-order op, whose eager dispatch cost the host ~0.3 ms
+    a launch (``python -m mvloss.bench.launches --host-time --jit-launch-path``).  Inside one, torch already skips
+    it."""
+    if operands and _plain_eager(operands):
+        return kernel
     from torch.library import wrap_triton
 
     try:
@@ -362,6 +369,18 @@ def launcher(kernel):
         if interpreting():
             return kernel
         raise
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether ``tensors`` are plain tensors and nothing traces them (no dispatch mode, not compiling): a raw launch
+    is then what the wrapper would do, minus its dispatch."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors) and _get_current_dispatch_mode() is None
+            and not torch.compiler.is_compiling())
 
 
 _autotuned: dict = {}

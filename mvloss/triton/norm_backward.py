@@ -58,7 +58,7 @@ def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, n
     if _config.interpreting():
         block_r = min(block_r, 8)
     grid = (_config.cdiv(R, block_r),)
-    _config.launcher(norm_backward_kernel)[grid](
+    _config.launcher(norm_backward_kernel, dhat, t, inv, out)[grid](
         dhat, t, inv, out, R, int(row0), D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
         out.stride(1), float(eps), NORMALIZE=bool(normalize), PRESCALED=bool(prescaled) and bool(normalize),
         BLOCK_R=block_r, BLOCK_D=block_d,
