@@ -80,6 +80,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _median(times: list) -> float:
+    """The upper middle value (this script's median since its first run; statistics.median averages the two)."""
+    return sorted(times)[len(times) // 2]
+
+
 def _time(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds of fn: CUDA events on a GPU, wall clock otherwise (--smoke)."""
     for _ in range(warmup):
@@ -98,8 +103,7 @@ def _time(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-    times.sort()
-    return times[len(times) // 2]
+    return _median(times)
 
 
 def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
@@ -112,8 +116,7 @@ def _host_issue_ms(fn, device: torch.device, iters: int) -> float:
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
     _sync(device)
-    times.sort()
-    return times[len(times) // 2]
+    return _median(times)
 
 
 def _host_issue_split_ms(loss_fn, device: torch.device, iters: int) -> dict:
@@ -131,7 +134,7 @@ def _host_issue_split_ms(loss_fn, device: torch.device, iters: int) -> dict:
         loss.backward()
         bwd.append(1e3 * (time.perf_counter() - t0))
     _sync(device)
-    return dict(host_issue_fwd_ms=sorted(fwd)[len(fwd) // 2], host_issue_bwd_ms=sorted(bwd)[len(bwd) // 2])
+    return dict(host_issue_fwd_ms=_median(fwd), host_issue_bwd_ms=_median(bwd))
 
 
 def _steady_ms(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
@@ -493,7 +496,7 @@ def main(argv=None) -> int:
                           f"(graphed {g.get('fwd_bwd_ms', float('nan')):.2f}; host issue "
                           f"{t['host_issue_ms']:.2f}: forward {t['host_issue_fwd_ms']:.2f}, backward "
                           f"{t['host_issue_bwd_ms']:.2f})"
-                          + "".join(f" | {t}" for t in _tiles_parts(rec)), flush=True)
+                          + "".join(f" | {part}" for part in _tiles_parts(rec)), flush=True)
                 else:
                     _print_record(rec, a.dtype)
                 if device == "cuda":

@@ -141,10 +141,14 @@ def _counting_triton(counts: collections.Counter):
 
 
 @contextlib.contextmanager
-def _cuda_paths():
+def _cuda_paths(on: bool = True):
     """The CPU run takes the eager-CUDA branches: ``mvloss.autograd.triton_glue`` holds for CPU tensors too, and each
     GEMM of the Triton backward counts as the one op it is on a GPU (fp32 output, accumulation into dxhat); the
-    CPU has no half GEMM with fp32 output, so there it is computed uncounted and counted once."""
+    CPU has no half GEMM with fp32 output, so there it is computed uncounted and counted once.  ``on`` False: the
+    CPU's own branches, nothing changed."""
+    if not on:
+        yield
+        return
     from .. import autograd
     from ..triton import backward_gemm
 
@@ -189,8 +193,7 @@ def count_step(step: Callable[[], None], cuda_paths: bool = True) -> dict:
     counted, and returns {"aten": n, "triton": n, "total": n, "syncs": n, "by_op": {...}}."""
     counter = LaunchCounter()
     triton_counts: collections.Counter = collections.Counter()
-    paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
-    with paths:
+    with _cuda_paths(cuda_paths):
         step()
         with _counting_triton(triton_counts), counter:
             step()
@@ -254,8 +257,7 @@ def host_time_us(step: Callable[[], None], reps: int = 200, repeats: int = 5, cu
     launch path (for use with ``install_jit_launch_driver``)."""
     import time
 
-    paths = _cuda_paths() if cuda_paths else contextlib.nullcontext()
-    with paths:
+    with _cuda_paths(cuda_paths):
         step()  # warm, with the real kernels
         with (_stubbed_triton() if stub_triton else contextlib.nullcontext()), \
                 (_stubbed_gemms() if stub_gemms else contextlib.nullcontext()):
@@ -477,6 +479,8 @@ def main(argv=None) -> int:
 def _counting_hop_launches(counts: collections.Counter):
     """Counts the launches that go through torch's higher-order op (``wrap_triton`` outside a ``triton_op`` in eager
     mode: a dispatch of its own, ~0.3 ms of host time each on the CPU VM)."""
+    from unittest import mock
+
     from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
     from torch._library.triton import is_wrap_triton_enabled
 
@@ -487,11 +491,8 @@ def _counting_hop_launches(counts: collections.Counter):
             counts[getattr(getattr(self.kernel, "fn", None), "__name__", "triton_kernel")] += 1
         return saved(self, *args, **kwargs)
 
-    TraceableTritonKernelWrapper.__call__ = call
-    try:
+    with mock.patch.object(TraceableTritonKernelWrapper, "__call__", call):
         yield
-    finally:
-        TraceableTritonKernelWrapper.__call__ = saved
 
 
 def _print_jit_launch_path(args, step, stubbed_us: float, launched: collections.Counter) -> int:
@@ -500,7 +501,7 @@ def _print_jit_launch_path(args, step, stubbed_us: float, launched: collections.
     real_us = host_time_us(step, cuda_paths=not args.no_cuda_paths, stub_gemms=args.stub_gemms, stub_triton=False)
     launched.clear()
     hop: collections.Counter = collections.Counter()
-    with _cuda_paths() if not args.no_cuda_paths else contextlib.nullcontext(), _counting_hop_launches(hop):
+    with _cuda_paths(not args.no_cuda_paths), _counting_hop_launches(hop):
         step()
     n = sum(launched.values())
     per_launch = (real_us - stubbed_us) / max(n, 1)

@@ -14,6 +14,7 @@ import json
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # Every BLOCK_C used by any configuration divides this, so a class split of a multiple of it suits all of them.
 SPLIT_ALIGN = 256
@@ -377,8 +378,6 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def _plain_eager(tensors) -> bool:
     """Whether ``tensors`` are plain tensors and nothing traces them (no dispatch mode, not compiling): a raw launch
     is then what the wrapper would do, minus its dispatch."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors) and _get_current_dispatch_mode() is None
             and not torch.compiler.is_compiling())
 
