@@ -142,3 +142,10 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_jit_launch_path_needs_host_time():
+    """--jit-launch-path measures host time only: without --host-time the CLI stops with a usage error."""
+    cmd = [sys.executable, "-m", "mvloss.bench.launches", "--jit-launch-path"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 2 and "--jit-launch-path goes with --host-time" in proc.stderr, proc.stderr[-3000:]
