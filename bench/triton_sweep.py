@@ -36,9 +36,8 @@ FORWARD = [dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 2 progr
            dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=4),    # 3 (shared memory bounds it)
            dict(BLOCK_B=256, BLOCK_C=128, num_warps=8, num_stages=3),  # 6% faster at 100k (run 3); spills on 3.8
            dict(BLOCK_B=256, BLOCK_C=64, num_warps=8, num_stages=3),   # 1, no spill; W read once per 256 rows
-           # the table's, capped at 128 registers: 2 per SM since the tenth session's shorter epilogue (a training
-           # step's flags: no spill under 3.8, 8 bytes under 3.6; the tma form none under either)
-           dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]
+           # the table's without its register cap (the table until the fifteenth session): 1 program per SM
+           dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3)]
 # the warp-specialised form (its table row: 128 x 128, 4 warps a consumer group, 3 stages): 4 warps a group (Triton
 # leaves an 8-warp loop as it is) and 128 rows or more (Triton splits them between its two consumer groups; 64 rows it
 # cannot split, and both groups would do all the work)

@@ -560,12 +560,15 @@ def check(kernel, dtype, b, d, r):
         ws = kernel in ("fwd_ws", "dlogits_ws")
         assert r["warp_specialized"] == ws and (r["warps"] == 12) == ws, r
         assert not ws or r["tma_copies"] == 3, r
+        if kernel in ("fwd", "fwd_tma"):  # the table tile's register cap: two programs an SM
+            assert r["registers"] <= 128 and r["programs_per_sm"] == 2, r
     assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
     assert not r["rows_shifted_twice"], r  # each consumer group's rows are its own half of the row tile
     # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
     # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)
-    # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes)
-    assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128}.get(kernel, 64), r
+    # (the persistent recompute kernel, a candidate, keeps more alive across its loop: up to 116 bytes); the
+    # forward's half-precision table tile is capped at 128 registers (2 programs an SM): 80-88 bytes
+    assert r["spill_bytes"] <= {"dx": 256, "dw": 256, "dlogits_persistent": 128, "fwd": 96}.get(kernel, 64), r
 
 
 for dtype, b, d in cases:
@@ -855,6 +858,26 @@ def test_sweep_best_tiles_skips_errors_and_names_the_loop_form():
     ref = (_torch.tensor([1.0, -2.0]), _torch.empty(0))
     assert sweep.max_rel_err(ref, ref) == 0.0
     assert sweep.max_rel_err((_torch.tensor([1.0, -2.5]), _torch.empty(0)), ref) == 0.25
+
+
+def test_forward_register_cap_goes_to_the_timed_forms(monkeypatch):
+    """The GPU table's half-precision 128 x 128 forward tile is capped at 128 registers in the tiles and tma forms
+    (both timed capped on an H100), not in flat or ws, nor in fp32's or a small batch's tiles; a traced launch
+    (torch.compile) drops the cap, which torch takes for a kernel argument."""
+    from mvloss.triton import _config
+
+    monkeypatch.setattr(_config, "interpreting", lambda: False)
+    bf16 = torch.bfloat16
+    for mode, capped in (("tiles", True), ("tma", True), ("flat", False), ("ws", False)):
+        assert _config.forward_config(1024, 512, bf16, mode=mode).get("maxnreg") == (128 if capped else None), mode
+    assert _config.forward_config(1024, 512, bf16, tma_runs=False, mode="ws")["maxnreg"] == 128  # pointer kernel
+    assert _config.forward_config(1024, 512, torch.float16)["maxnreg"] == 128
+    assert "maxnreg" not in _config.forward_config(1024, 512, torch.float32)
+    assert "maxnreg" not in _config.forward_config(64, 512, bf16)
+    cfg = _config.forward_config(1024, 512, bf16)
+    assert _config.traceable(cfg) is cfg
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _config.traceable(cfg) == {k: v for k, v in cfg.items() if k != "maxnreg"} and "maxnreg" in cfg
 
 
 def test_tile_override_parsing(tmp_path, monkeypatch):

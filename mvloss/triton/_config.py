@@ -236,12 +236,31 @@ def forward_config(batch: int, dim: int, dtype: torch.dtype, tma_runs: bool = Tr
     """The forward kernel's tiles: the table's (``_forward_table``), or MVLOSS_TRITON_TILES's where it sets them.
     The warp-specialised form has its own default, the table's 128 x 128 with 4 warps a consumer group: Triton
     warp-specialises a sm_90 loop only with 4 warps, and splits the rows between its two groups only from 128
-    rows up.  ``tma_runs``: False where the launcher falls back to the pointer kernel (the table's tiles then);
-    ``mode``: the loop form, ``forward_mode()`` unless given."""
+    rows up.  The table's register cap applies to the tiles and tma forms only (CAPPED_FORMS).  ``tma_runs``:
+    False where the launcher falls back to the pointer kernel (the table's tiles then); ``mode``: the loop form,
+    ``forward_mode()`` unless given."""
     cfg = _forward_table(batch, dim, dtype)
-    if tma_runs and (mode or forward_mode()) == "ws" and warp_specializing_ok(dtype, batch):
+    form = mode or forward_mode()
+    if not tma_runs and form in ("tma", "ws"):
+        form = "tiles"  # the pointer kernel's tiles loop
+    if form == "ws" and warp_specializing_ok(dtype, batch):
         cfg.update(WS_FORWARD_TILES)
+    if form not in CAPPED_FORMS:
+        cfg.pop("maxnreg", None)
     return {**cfg, **_tiles_of("forward")}
+
+
+# the loop forms the forward table's register cap was timed with (H100, NOTES.md, fifteenth session); flat and ws
+# spill more under it (3.6: 140 and 228 bytes) and were not timed capped
+CAPPED_FORMS = ("tiles", "tma")
+
+
+def traceable(cfg: dict) -> dict:
+    """A kernel's launch options as torch.compile can take them: its traced launch (torch 2.11 to 2.14) treats
+    ``maxnreg`` as a kernel argument, not a launch option, so a compiled step runs without the register cap."""
+    if torch.compiler.is_compiling():
+        return {k: v for k, v in cfg.items() if k != "maxnreg"}
+    return cfg
 
 
 def warp_specializing_ok(dtype: torch.dtype, batch: int) -> bool:
@@ -269,8 +288,8 @@ def _forward_table(batch: int, dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of the forward (LSE) kernel.
 
     Each compiles for sm_90 without (or with < 64 bytes of) register spills and fits shared memory
-    (``python -m mvloss.triton._compile_check``).  bf16 128 x 128 was timed in the H100 sweep (256 x 128: 6% faster
-    as a bare kernel at C = 100k, not yet timed in a step).  fp32 uses exact fp32 products (FMA path), which needs
+    (``python -m mvloss.triton._compile_check``), but for the half-precision 128 x 128 tile: capped at 128 registers
+    it spills 80-88 bytes and is faster in a step (below).  fp32 uses exact fp32 products (FMA path), which needs
     small K slices."""
     bk = k_block(dtype)
     if interpreting():
@@ -283,7 +302,9 @@ def _forward_table(batch: int, dim: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_B=16, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
     if batch <= 64:
         return dict(BLOCK_B=64, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
-    return dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
+    # capped at 128 registers: two programs an SM, so one's epilogue overlaps the other's products (80-88 bytes of
+    # spills); 1M-class step on an H100 11.43 -> 10.65 ms graphed (bench/results/nvidia-h100-80gb-hbm3, run 11)
+    return dict(BLOCK_B=128, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3, maxnreg=128)
 
 
 def _dlogits_table(batch: int, dim: int, dtype: torch.dtype) -> dict:

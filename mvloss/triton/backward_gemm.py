@@ -278,7 +278,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
                 UPCAST=_config.interpreting(),
                 PRECISION=_config.input_precision(x.dtype), SCALE_G=scale_g, TARGET=g_cos is not None,
                 TARGET_AFTER=_config.target_after(g_cos is not None, need_dscale or need_dbias or g_sum is not None,
-                                                  persistent, scale_g), **cfg)
+                                                  persistent, scale_g), **_config.traceable(cfg))
     if use_tma:
         tma.ensure_allocator()
         kernel = _config.launcher(neg_dlogits_tma_kernel)

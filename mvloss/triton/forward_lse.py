@@ -137,7 +137,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: 
                 UPCAST=_config.interpreting(), PRECISION=_config.input_precision(x.dtype),
                 KEEP_MASKS=_config.masks_kept())
     if fixed:
-        meta.update(cfg)
+        meta.update(_config.traceable(cfg))
     else:
         meta["BLOCK_K"] = cfg["BLOCK_K"]
 
