@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, profile
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, profile, hostcalls, fp32seeds
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -169,6 +169,20 @@ if has profile; then
   head -n 30 "$OUT/profile.txt" 2>/dev/null | cut -c1-160
   sed -n '/^Host calls that can wait/,/^cProfile of/p' "$OUT/profile.txt" 2>/dev/null | head -n 40 | cut -c1-160
   sed -n '/^cProfile of/,$p' "$OUT/profile.txt" 2>/dev/null | head -n 45 | cut -c1-160
+fi
+if has hostcalls; then
+  # the host time of each call of an eager step (launches by kernel, the backward's per-chunk GEMMs), at HOSTCALLS_C
+  stamp "host time by call, C = ${HOSTCALLS_C:-1000000}"
+  timeout "${HOSTCALLS_TIMEOUT:-60}" "$PY" bench/host_call_times.py --C "${HOSTCALLS_C:-1000000}" \
+    --json "$OUT/host_calls.json" > "$OUT/host_calls.log" 2>&1
+  head -n 12 "$OUT/host_calls.log"
+fi
+if has fp32seeds; then
+  # the fp32 error rule over seeds of the edge shape that fails on the GPU, target side's kernels against its ops
+  stamp "fp32 error over seeds"
+  timeout "${FP32SEEDS_TIMEOUT:-90}" "$PY" bench/fp32_error_seeds.py --seeds "${FP32SEEDS_N:-12}" \
+    --json "$OUT/fp32_error_seeds.json" > "$OUT/fp32_error_seeds.log" 2>&1
+  cat "$OUT/fp32_error_seeds.log"
 fi
 if has largest; then
   stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"
