@@ -253,6 +253,13 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     return info
 
 
+def approximate_ops(ptx: str) -> list:
+    """The PTX instructions of a kernel that round worse than IEEE (``ex2.approx``, ``div.full``, ...): none in the
+    O(B) kernels, whose s-sized arguments would carry their error into the loss and gradients (NOTES.md, fifteenth
+    session); the B x C epilogues use ``ex2.approx.ftz`` on purpose, their arguments already in log2 units."""
+    return sorted(set(re.findall(r"\b(?:ex2|lg2|rcp|sqrt|rsqrt|sin|cos|tanh)\.approx[\w.]*|\bdiv\.full[\w.]*", ptx)))
+
+
 def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
     """Compile the pre-pass's glue kernel (``target_rows``) as its launcher would for rows of ``dim`` features:
     registers and spills (it holds two whole rows in registers)."""
@@ -271,7 +278,7 @@ def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
     compiled = triton.compile(ASTSource(target_rows_kernel, sig, constexprs=consts),
                               target=GPUTarget("cuda", arch, 32), options=options)
     return dict(kernel="target_rows", dtype=_DT[dtype], D=dim, shared=compiled.metadata.shared,
-                **_ptxas_info(compiled.asm["ptx"], arch))
+                approximate=approximate_ops(compiled.asm["ptx"]), **_ptxas_info(compiled.asm["ptx"], arch))
 
 
 def compile_label_check(labels_dtype: str = "i64", arch: int = 90) -> dict:
@@ -316,8 +323,8 @@ def compile_target_loss(arch: int = 90) -> list:
             else:
                 sig[name] = "fp32"
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
-        out.append(dict(kernel=kernel.fn.__name__,
-                        shared=compiled.metadata.shared, **_ptxas_info(compiled.asm["ptx"], arch)))
+        out.append(dict(kernel=kernel.fn.__name__, shared=compiled.metadata.shared,
+                        approximate=approximate_ops(compiled.asm["ptx"]), **_ptxas_info(compiled.asm["ptx"], arch)))
     return out
 
 
