@@ -33,7 +33,7 @@ fi
 
 if has tests; then
   stamp "Triton tests"
-  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TRITON_TEST_TIMEOUT:-200}" "${PYTEST[@]}" tests/test_triton.py \
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TRITON_TEST_TIMEOUT:-240}" "${PYTEST[@]}" tests/test_triton.py \
     > "$OUT/tests_triton.log" 2>&1
   tail -n 25 "$OUT/tests_triton.log"
   grep -h "^=== " "$OUT/failures.log" 2>/dev/null | head -n 30

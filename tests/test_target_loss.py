@@ -161,9 +161,12 @@ def test_target_scalar_functions_to_a_few_ulps():
 
     t = torch.cat([torch.linspace(-150.0, 150.0, 30001), torch.tensor([0.0, -0.0, 1e-30, -1e-7, 1e-7, 39.99, 40.0,
                                                                         40.01, -87.0, -87.3, -88.0, 88.0])])
-    t = t.to(DEVICE)
+    t = torch.cat([t, torch.tensor([float("nan"), float("inf"), -float("inf")])]).to(DEVICE)
     sp, sig, e = (torch.empty_like(t) for _ in range(3))
     scalar_functions_kernel[(triton_cdiv(t.numel(), 1024),)](t, sp, sig, e, t.numel(), BLOCK=1024)
+    assert sp[-3].isnan() and sig[-3].isnan()  # NaN stays NaN; +-inf: the limits
+    assert sp[-2:].tolist() == [float("inf"), 0.0] and sig[-2:].tolist() == [1.0, 0.0] and e[-2:].tolist() == [0, 0]
+    t, sp, sig, e = t[:-3], sp[:-3], sig[:-3], e[:-3]
     t64 = t.double()
     truth = {"softplus": torch.nn.functional.softplus(t64, threshold=1000.0), "sigmoid": torch.sigmoid(t64),
              "exp": torch.exp(-t64.abs())}

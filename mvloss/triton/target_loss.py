@@ -131,11 +131,11 @@ def log1p_small(e):
 def softplus40(t):
     """(softplus(t), its derivative sigmoid(t)) within a few ulps of PyTorch's (threshold 40: t itself above, which
     max(t, 0) + log1p(e^-|t|) gives exactly in fp32) with no hardware approximation (exp_neg, log1p_small), so a GPU
-    computes what the interpreter does: the target row's loss and gradient carry s-sized arguments."""
+    computes what the interpreter does: the target row's loss and gradient carry s-sized arguments.  NaN stays NaN."""
     e = exp_neg(tl.abs(t))
     sp = tl.maximum(t, 0.0) + log1p_small(e)
     sig = tl.div_rn(tl.where(t >= 0.0, 1.0, e), 1.0 + e)
-    return sp, sig
+    return tl.where(t == t, sp, t), tl.where(t == t, sig, t)
 
 
 @triton.jit
