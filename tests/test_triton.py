@@ -860,6 +860,17 @@ def test_sweep_best_tiles_skips_errors_and_names_the_loop_form():
     assert sweep.max_rel_err((_torch.tensor([1.0, -2.5]), _torch.empty(0)), ref) == 0.25
 
 
+def test_approximate_ops_finds_the_approximate_instructions():
+    """The compile test's check for approximate PTX (the target side's kernels must have none) can fail: it finds
+    ex2.approx (tl.exp's lowering) and div.full (a plain '/'), and passes IEEE forms."""
+    from mvloss.triton._compile_check import approximate_ops
+
+    ptx = ("mul.f32 %f2, %f1, 0f3FB8AA3B;\n ex2.approx.f32 %f3, %f2;\n div.full.f32 %f4, %f3, %f1;\n"
+           "ex2.approx.ftz.f32 %f5, %f4;\n div.rn.f32 %f6, %f5, %f1;\n sqrt.rn.f32 %f7, %f6;")
+    assert approximate_ops(ptx) == ["div.full.f32", "ex2.approx.f32", "ex2.approx.ftz.f32"]
+    assert approximate_ops("div.rn.f32 %f6, %f5, %f1;\n sqrt.rn.f32 %f7, %f6;") == []
+
+
 def test_forward_register_cap_goes_to_the_timed_forms(monkeypatch):
     """The GPU table's half-precision 128 x 128 forward tile is capped at 128 registers in the tiles and tma forms
     (both timed capped on an H100), not in flat or ws, nor in fp32's or a small batch's tiles; a traced launch
