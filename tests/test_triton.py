@@ -604,6 +604,10 @@ for labels_dtype in ("i64", "i32"):
 from mvloss.triton._compile_check import compile_target_loss
 for r in compile_target_loss():  # IEEE rounding throughout: no ex2.approx, no div.full
     assert r["spill_bytes"] == 0 and r["registers"] <= 128 and not r["approximate"], r
+# the forward's merge of its class splits: lse without approximate exp and log
+from mvloss.triton._compile_check import compile_lse_merge
+r = compile_lse_merge()
+assert r["spill_bytes"] == 0 and r["registers"] <= 128 and not r["approximate"], r
 print("ok")
 """
 

@@ -297,6 +297,23 @@ def compile_label_check(labels_dtype: str = "i64", arch: int = 90) -> dict:
                 **_ptxas_info(compiled.asm["ptx"], arch))
 
 
+def compile_lse_merge(arch: int = 90) -> dict:
+    """Compile the forward's merge of its class splits (``forward_lse.merge_kernel``) as ``merge`` launches it:
+    registers, spills, and its approximate instructions (none: lse enters every probability of its row)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .forward_lse import merge_kernel
+
+    sig = dict(part_m_ptr="*fp32", part_s_ptr="*fp32", part_z_ptr="*fp32", lse_ptr="*fp32", zsum_ptr="*fp32",
+               B="i32", S="i32", BLOCK="constexpr")
+    compiled = triton.compile(ASTSource(merge_kernel, sig, constexprs=dict(BLOCK=256)),
+                              target=GPUTarget("cuda", arch, 32))
+    return dict(kernel="merge", shared=compiled.metadata.shared, approximate=approximate_ops(compiled.asm["ptx"]),
+                **_ptxas_info(compiled.asm["ptx"], arch))
+
+
 def compile_target_loss(arch: int = 90) -> list:
     """Compile the target side's three kernels (``target_loss``) for the most general configuration (ArcFace with
     the insightface fallback, m3, clamp, mean): registers and spills of each."""

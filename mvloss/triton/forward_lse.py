@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _config, forward_tma, tma
+from ._ieee_math import exp_neg, log_pos
 from ._tiles import (cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start,
                      span_mask)
 
@@ -90,7 +91,8 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
 
 @triton.jit
 def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, zsum_ptr, B, S, BLOCK: tl.constexpr):
-    """lse_i = log sum_s part_s[s, i] exp(part_m[s, i]) (-inf when every split is empty), zsum_i = sum_s part_z."""
+    """lse_i = log sum_s part_s[s, i] exp(part_m[s, i]) (-inf when every split is empty), zsum_i = sum_s part_z.
+    exp and log without the GPU's approximations (``_ieee_math``): lse enters every probability of the row."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
@@ -101,9 +103,9 @@ def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, zsum_ptr, B, S, BL
     zsum = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         pm = tl.load(part_m_ptr + s * B + rows, mask=rmask, other=float("-inf"))
-        total += tl.load(part_s_ptr + s * B + rows, mask=rmask, other=0.0) * tl.exp(pm - safe)
+        total += tl.load(part_s_ptr + s * B + rows, mask=rmask, other=0.0) * exp_neg(safe - pm)
         zsum += tl.load(part_z_ptr + s * B + rows, mask=rmask, other=0.0)
-    lse = tl.where(total > 0, safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    lse = tl.where(total > 0, safe + log_pos(tl.where(total > 0, total, 1.0)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(zsum_ptr + rows, zsum, mask=rmask)
 

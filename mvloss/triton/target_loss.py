@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _config
+from ._ieee_math import exp_neg, log1p_small
 
 BLOCK = 1024  # rows per program; the loss kernel is one program looping over the batch (a deterministic sum)
 _FALLBACK = {"none": 0, "insightface": 1, "easy": 2}
@@ -82,49 +83,6 @@ def thresholds_kernel(cos_ptr, thr_ptr, B, cos_m, sin_m, th, mm, m3, CLAMP: tl.c
     c, _ = clamped(tl.load(cos_ptr + rows, mask=mask, other=0.0), CLAMP, CLAMP_AT_BOUNDS)
     f, _ = margin_f(c, cos_m, sin_m, th, mm, m3, ARC, FALLBACK, HAS_M3, M3_POSITIVE, False)
     tl.store(thr_ptr + rows, f, mask=mask)
-
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2_HI = tl.constexpr(0.693145751953125)  # ln 2's leading 15 bits: n LN2_HI is exact for the n exp_neg takes
-LN2_LO = tl.constexpr(1.4286068203094172e-06)  # ln 2 - LN2_HI
-
-
-@triton.jit
-def exp_neg(x):
-    """e^-x for x >= 0 to ~1 ulp from adds, multiplies and the exponent bits alone.  A GPU's tl.exp is ex2.approx of
-    the rounded product x log2 e, ~|x| 2^-24 relative (1e-5 at x = 100, the size of a scaled logit difference);
-    PyTorch's exp is within an ulp.  x = n ln 2 + r (|r| <= ln 2 / 2, Cody-Waite), e^-r by its degree-8 Taylor
-    polynomial (truncation < 2e-10), 2^-n from the exponent bits (n <= 126); 0 above 87.5 (e^-x is below fp32's
-    normal range from 87.34)."""
-    xc = tl.minimum(x, 87.5)
-    n = tl.floor(xc * LOG2E + 0.5)
-    v = n * LN2_HI - xc + n * LN2_LO  # -r
-    p = 1.0 + v * (1.0 / 8.0)
-    p = 1.0 + v * (1.0 / 7.0) * p
-    p = 1.0 + v * (1.0 / 6.0) * p
-    p = 1.0 + v * (1.0 / 5.0) * p
-    p = 1.0 + v * 0.25 * p
-    p = 1.0 + v * (1.0 / 3.0) * p
-    p = 1.0 + v * 0.5 * p
-    p = 1.0 + v * p
-    two_n = ((127 - n.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
-    return tl.where(x <= 87.5, p * two_n, 0.0)
-
-
-@triton.jit
-def log1p_small(e):
-    """log(1 + e) for 0 <= e <= 1 to ~1 ulp from adds, multiplies and one IEEE division: 2 atanh(u), u = e / (2 + e)
-    <= 1/3, by its series to u^15 (truncation < 2e-9 relative)."""
-    u = tl.div_rn(e, 2.0 + e)
-    q = u * u
-    s = 1.0 / 15.0
-    s = 1.0 / 13.0 + q * s
-    s = 1.0 / 11.0 + q * s
-    s = 1.0 / 9.0 + q * s
-    s = 1.0 / 7.0 + q * s
-    s = 1.0 / 5.0 + q * s
-    s = 1.0 / 3.0 + q * s
-    return 2.0 * u + (2.0 * u) * (q * s)
 
 
 @triton.jit

@@ -1,0 +1,64 @@
+"""The O(B) kernels' scalar exp and log (``mvloss.triton._ieee_math``) and the target side's softplus against fp64.
+
+They use adds, multiplies, IEEE division and exponent bits only (the compile test finds no approximate instruction in
+their users' PTX), so a GPU computes what the interpreter does here.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NORMAL_MIN = 1.1754943508222875e-38
+
+
+def test_target_scalar_functions_to_a_few_ulps():
+    """softplus(t), sigmoid(t) and e^-|t| of the target side's kernels against fp64, over arguments of a scaled
+    logit difference's size: within 6 x 2^-24 relative wherever the result is a normal fp32 number (measured: 3.3,
+    PyTorch's own fp32 softplus 2.7), 0 or below fp32's normal range beyond.  They use adds, multiplies and IEEE
+    division only (the compile test finds no approximate instruction in their PTX), so a GPU computes what the
+    interpreter does here; a GPU's tl.exp, ex2.approx of x log2 e, was ~|x| 2^-24 off (NOTES.md, fifteenth
+    session)."""
+    from ieee_math_kernels import scalar_functions_kernel
+
+    t = torch.cat([torch.linspace(-150.0, 150.0, 30001), torch.tensor([0.0, -0.0, 1e-30, -1e-7, 1e-7, 39.99, 40.0,
+                                                                        40.01, -87.0, -87.3, -88.0, 88.0])])
+    t = torch.cat([t, torch.tensor([float("nan"), float("inf"), -float("inf")])]).to(DEVICE)
+    sp, sig, e = (torch.empty_like(t) for _ in range(3))
+    scalar_functions_kernel[(triton_cdiv(t.numel(), 1024),)](t, sp, sig, e, t.numel(), BLOCK=1024)
+    assert sp[-3].isnan() and sig[-3].isnan()  # NaN stays NaN; +-inf: the limits
+    assert sp[-2:].tolist() == [float("inf"), 0.0] and sig[-2:].tolist() == [1.0, 0.0] and e[-2:].tolist() == [0, 0]
+    t, sp, sig, e = t[:-3], sp[:-3], sig[:-3], e[:-3]
+    t64 = t.double()
+    truth = {"softplus": torch.nn.functional.softplus(t64, threshold=1000.0), "sigmoid": torch.sigmoid(t64),
+             "exp": torch.exp(-t64.abs())}
+    for name, got in (("softplus", sp), ("sigmoid", sig), ("exp", e)):
+        want = truth[name]
+        normal = want >= NORMAL_MIN
+        rel = ((got.double() - want).abs() / want.abs().clamp_min(1e-300))[normal]
+        assert rel.max().item() <= 6 * 2.0 ** -24, (name, rel.max().item(), t[normal][rel.argmax()].item())
+        assert (got[~normal].abs() <= NORMAL_MIN).all(), name
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_log_to_a_few_ulps():
+    """log of positive normal numbers over fp32's range (the lse merge's total is >= 1), within 4 x 2^-24 relative of
+    fp64 (where log x is not near 0) or 2^-24 absolute; +inf and NaN pass through."""
+    from ieee_math_kernels import log_kernel
+
+    x = torch.cat([torch.logspace(-37.9, 38.0, 20001), torch.linspace(0.5, 2.0, 4001),
+                   torch.tensor([1.0, 2.0, 1.0000001, 0.99999994, 3.4e38])])
+    x = torch.cat([x, torch.tensor([float("inf"), float("nan")])]).to(DEVICE)
+    out = torch.empty_like(x)
+    log_kernel[(triton_cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    assert out[-2].item() == float("inf") and out[-1].isnan()
+    x, out = x[:-2], out[:-2]
+    want = x.double().log()
+    err = (out.double() - want).abs()
+    assert (err <= torch.maximum(4 * 2.0 ** -24 * want.abs(), torch.full_like(want, 2.0 ** -24))).all(), \
+        (err.max().item(), x[err.argmax()].item())
