@@ -260,13 +260,21 @@ def approximate_ops(ptx: str) -> list:
     return sorted(set(re.findall(r"\b(?:ex2|lg2|rcp|sqrt|rsqrt|sin|cos|tanh)\.approx[\w.]*|\bdiv\.full[\w.]*", ptx)))
 
 
-def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
-    """Compile the pre-pass's glue kernel (``target_rows``) as its launcher would for rows of ``dim`` features:
-    registers and spills (it holds two whole rows in registers)."""
+def _compile_small(kernel, sig: dict, constexprs: dict, arch: int, options: dict | None = None) -> dict:
+    """Compile one of the O(B) kernels for ``arch``: shared memory, its approximate instructions, registers, spills."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    ptx = compiled.asm["ptx"]
+    return dict(shared=compiled.metadata.shared, approximate=approximate_ops(ptx), **_ptxas_info(ptx, arch))
+
+
+def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
+    """Compile the pre-pass's glue kernel (``target_rows``) as its launcher would for rows of ``dim`` features:
+    registers and spills (it holds two whole rows in registers)."""
     from .target_rows import target_rows_kernel, target_rows_launch_options
 
     block_d, options = target_rows_launch_options(dim)
@@ -275,52 +283,33 @@ def compile_target_rows(dtype: torch.dtype, dim: int, arch: int = 90) -> dict:
                what_ptr="*fp32", cos_ptr="*fp32", eps="fp32", NORMALIZE_X="constexpr", NORMALIZE_W="constexpr",
                BLOCK_D="constexpr")
     consts = dict(NORMALIZE_X=True, NORMALIZE_W=True, BLOCK_D=block_d)
-    compiled = triton.compile(ASTSource(target_rows_kernel, sig, constexprs=consts),
-                              target=GPUTarget("cuda", arch, 32), options=options)
-    return dict(kernel="target_rows", dtype=_DT[dtype], D=dim, shared=compiled.metadata.shared,
-                approximate=approximate_ops(compiled.asm["ptx"]), **_ptxas_info(compiled.asm["ptx"], arch))
+    return dict(kernel="target_rows", dtype=_DT[dtype], D=dim,
+                **_compile_small(target_rows_kernel, sig, consts, arch, options))
 
 
 def compile_label_check(labels_dtype: str = "i64", arch: int = 90) -> dict:
     """Compile the deferred label check's kernel (``label_check``) as its launcher would: registers and spills."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from .label_check import BLOCK, replace_bad_labels_kernel
 
     sig = dict(labels_ptr="*" + labels_dtype, safe_ptr="*i64", summary_ptr="*i64", B="i32", C="i32",
                ignore_index="i32", BLOCK="constexpr")
-    compiled = triton.compile(ASTSource(replace_bad_labels_kernel, sig, constexprs=dict(BLOCK=BLOCK)),
-                              target=GPUTarget("cuda", arch, 32))
-    return dict(kernel="label_check", labels=labels_dtype, shared=compiled.metadata.shared,
-                **_ptxas_info(compiled.asm["ptx"], arch))
+    return dict(kernel="label_check", labels=labels_dtype,
+                **_compile_small(replace_bad_labels_kernel, sig, dict(BLOCK=BLOCK), arch))
 
 
 def compile_lse_merge(arch: int = 90) -> dict:
     """Compile the forward's merge of its class splits (``forward_lse.merge_kernel``) as ``merge`` launches it:
     registers, spills, and its approximate instructions (none: lse enters every probability of its row)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from .forward_lse import merge_kernel
 
     sig = dict(part_m_ptr="*fp32", part_s_ptr="*fp32", part_z_ptr="*fp32", lse_ptr="*fp32", zsum_ptr="*fp32",
                B="i32", S="i32", BLOCK="constexpr")
-    compiled = triton.compile(ASTSource(merge_kernel, sig, constexprs=dict(BLOCK=256)),
-                              target=GPUTarget("cuda", arch, 32))
-    return dict(kernel="merge", shared=compiled.metadata.shared, approximate=approximate_ops(compiled.asm["ptx"]),
-                **_ptxas_info(compiled.asm["ptx"], arch))
+    return dict(kernel="merge", **_compile_small(merge_kernel, sig, dict(BLOCK=256), arch))
 
 
 def compile_target_loss(arch: int = 90) -> list:
     """Compile the target side's three kernels (``target_loss``) for the most general configuration (ArcFace with
     the insightface fallback, m3, clamp, mean): registers and spills of each."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from . import target_loss as tl_mod
 
     out = []
@@ -339,9 +328,7 @@ def compile_target_loss(arch: int = 90) -> list:
                 sig[name] = "i32"
             else:
                 sig[name] = "fp32"
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
-        out.append(dict(kernel=kernel.fn.__name__, shared=compiled.metadata.shared,
-                        approximate=approximate_ops(compiled.asm["ptx"]), **_ptxas_info(compiled.asm["ptx"], arch)))
+        out.append(dict(kernel=kernel.fn.__name__, **_compile_small(kernel, sig, consts, arch)))
     return out
 
 

@@ -9,7 +9,8 @@ arguments already in log2 units).  The compile test checks the PTX of their user
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from ._tiles import LOG2E
+
 LN2_HI = tl.constexpr(0.693145751953125)  # ln 2's leading 15 bits: n LN2_HI is exact for |n| <= 256
 LN2_LO = tl.constexpr(1.4286068203094172e-06)  # ln 2 - LN2_HI
 
