@@ -177,3 +177,18 @@ def test_fp32_error_seeds_script(tmp_path):
         for name in ("loss", "dx", "dW"):
             assert r[name]["over_test_bound"] == 0 and r[name]["rel_max"] < 1e-5, (r["options"], name, r[name])
     assert os.environ.get("MVLOSS_TARGET_KERNELS") == before  # restored
+
+
+def test_ieee_math_ulps_script(capsys):
+    """bench/ieee_math_ulps.py prints the four functions' worst errors, each within the bound the tests assert."""
+    import importlib.util as iu
+    import re
+
+    spec = iu.spec_from_file_location("ieee_math_ulps", bench_script("ieee_math_ulps.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main() == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["softplus", "sigmoid", "exp(-|t|)", "log"]
+    for ln, bound in zip(lines, (6, 6, 6, 4)):
+        assert float(re.search(r"mvloss ([0-9.]+)", ln).group(1)) <= bound, ln
