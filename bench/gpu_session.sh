@@ -60,14 +60,15 @@ if has other; then
   tail -n 25 "$OUT/tests_other.log"
   # on CUDA tensors, tests that are not gpu-marked (they run on the CPU too): the target side's kernels against
   # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum,
-  # the recompute kernels' dc alone against their full form
-  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-120}" "${PYTEST[@]}" tests/test_target_loss.py \
-    tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py \
+  # the recompute kernels' dc alone against their full form, the compiled step through the opaque ops (bf16)
+  MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-180}" "${PYTEST[@]}" tests/test_target_loss.py \
+    tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py tests/test_triton_opaque_ops.py \
     > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi
 if has timings; then
   stamp "timings"
+  # TIMINGS_TRACED=1 (passed through): the compiled step also with every op traced, the forward's cap dropped
   timeout "${TIMINGS_TIMEOUT:-240}" "$PY" bench/triton_gpu_timings.py --B 1024 --D 512 --C 100000 1000000 \
     --out "$OUT/timings.json" > "$OUT/timings.log" 2>&1
   cat "$OUT/timings.log" | tail -n 8

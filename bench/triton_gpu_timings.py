@@ -19,6 +19,8 @@ Per shape it times, at the same dtype:
               MVLOSS_TRITON_DLOGITS=ws; before, flat and persistent, timed and dropped), to decide whether they
               become the default;
   triton_compiled  the same training step under torch.compile(fullgraph=True) (GPU only; TIMINGS_COMPILE=0 skips);
+  triton_compiled_traced  with TIMINGS_TRACED=1, the same with every op traced (MVLOSS_TRITON_OPAQUE=off: the
+              half-precision forward then runs without its register cap, mvloss/triton/README.md);
   triton_ops  the bare ops (mvloss::triton_neg_forward / _backward): what the kernels themselves cost;
   cuda        the C++/CUDA backend (same loss), when the extension is built with CUDA;
   chunked     the pure-PyTorch chunked backend (same loss);
@@ -297,17 +299,25 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
 
     # the same step under torch.compile (fullgraph): Inductor fuses the O(B) glue around the kernels, which eager
     # mode pays for in host time
-    if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1":
-        compiled = torch.compile(lambda x, w, y: F.arcface_loss(x, w, y, backend="triton", **kw), fullgraph=True)
+    # (TIMINGS_TRACED=1: also with every op traced, MVLOSS_TRITON_OPAQUE=off, so the forward runs without its
+    # register cap: the opaque twin's effect, measured in the same run)
+    variants = [("triton_compiled", "auto")]
+    if os.environ.get("TIMINGS_TRACED", "0") == "1":
+        variants.append(("triton_compiled_traced", "off"))
+    for name, opaque in variants if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1" else ():
+        with env(MVLOSS_TRITON_OPAQUE=opaque):
+            torch._dynamo.reset()  # the choice of ops is made while tracing
+            compiled = torch.compile(lambda x, w, y: F.arcface_loss(x, w, y, backend="triton", **kw),
+                                     fullgraph=True)
 
-        def compiled_step():
-            x.grad = None
-            w.grad = None
-            compiled(x, w, y).backward()
+            def compiled_step():
+                x.grad = None
+                w.grad = None
+                compiled(x, w, y).backward()
 
-        ms_c = timed(compiled_step)
-        rec["triton_compiled"] = dict(fwd_bwd_ms=ms_c, fwd_bwd_tflops=step_flops / ms_c / 1e9,
-                                      peak_mb=peak(compiled_step), steady_ms=steady(compiled_step))
+            ms_c = timed(compiled_step)
+            rec[name] = dict(fwd_bwd_ms=ms_c, fwd_bwd_tflops=step_flops / ms_c / 1e9, peak_mb=peak(compiled_step),
+                             steady_ms=steady(compiled_step))
 
     # the bare ops (no normalisation backward, no target side)
     xd, wd = x.detach(), w.detach()
@@ -518,6 +528,8 @@ def _print_record(rec, dtype_name):
              else "")
           + (f"compiled {rec['triton_compiled']['fwd_bwd_ms']:.2f} ms | " if "triton_compiled" in rec
              else "")
+          + (f"compiled, ops traced {rec['triton_compiled_traced']['fwd_bwd_ms']:.2f} ms | "
+             if "triton_compiled_traced" in rec else "")
           + "".join(f"{t} | " for t in _tiles_parts(rec))
           + (f"cuda {rec['cuda']['fwd_bwd_ms']:.2f} ms | " if "cuda" in rec else "")
           + f"chunked {rec['chunked']['fwd_bwd_ms']:.2f} ms | 3 GEMMs {gm['fwd_bwd_ms']:.2f} ms "

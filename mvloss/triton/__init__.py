@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
+from . import _config
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _triton_error: Optional[str] = None
@@ -99,13 +100,21 @@ def _load_ops() -> None:
         _ops_loaded = True
 
 
+def _op(name: str, kind: str, x, w):
+    """``torch.ops.mvloss.<name>``, or its opaque twin where a compiled step needs it (``_config``'s
+    ``opaque_when_compiled``; the twins are described in ``ops.py``)."""
+    dtype = x.dtype if x.dtype == w.dtype else torch.float32  # ops._operands' promotion
+    opaque = _config.opaque_when_compiled(kind, dtype)
+    return getattr(torch.ops.mvloss, name + "_opaque" if opaque else name)
+
+
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, need_zsum=True, **kwargs):
     """The contract's forward -> (lse, zsum) fp32 (B,), zsum 0 unless ``need_zsum``.  ``chunk_size`` and other
     backend keywords are ignored."""
     if not torch.compiler.is_compiling():
         _load_ops()
-    return torch.ops.mvloss.triton_neg_forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment),
-                                               float(param), bool(clamp), bool(need_zsum))
+    return _op("triton_neg_forward", "forward", x, w)(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment),
+                                                      float(param), bool(clamp), bool(need_zsum))
 
 
 def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
@@ -114,7 +123,7 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     if not torch.compiler.is_compiling():
         _load_ops()
     need_dbias = bool(need_dbias) and bias is not None
-    dxhat, dwhat, dscale, dbias = torch.ops.mvloss.triton_neg_backward(
+    dxhat, dwhat, dscale, dbias = _op("triton_neg_backward", "backward", x, w)(
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, int(treatment), float(param),
         bool(clamp), bool(need_dscale), need_dbias)
     return dxhat, dwhat, (dscale if need_dscale else None), (dbias if need_dbias else None)
@@ -128,7 +137,7 @@ def backward_fused_w(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g
     if not torch.compiler.is_compiling():
         _load_ops()
     need_dbias = bool(need_dbias) and bias is not None
-    dxhat, dw, dscale, dbias = torch.ops.mvloss.triton_neg_backward_w(
+    dxhat, dw, dscale, dbias = _op("triton_neg_backward_w", "backward", x, w)(
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, int(treatment), float(param),
         bool(clamp), bool(need_dscale), need_dbias, bool(normalize_w), float(eps))
     return dxhat, dw, (dscale if need_dscale else None), (dbias if need_dbias else None)

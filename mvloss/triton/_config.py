@@ -263,6 +263,41 @@ def traceable(cfg: dict) -> dict:
     return cfg
 
 
+def opaque_when_compiled(kind: str, dtype: torch.dtype) -> bool:
+    """Whether a step under torch.compile calls the op's opaque twin (``ops.py``) for ``kind`` ("forward" or
+    "backward"): under the interpreter always (fake tensors cannot reach it); on a GPU where the kind's launch for
+    large batches carries a register cap, which Inductor's traced launch would drop (``traceable``).  False
+    outside torch.compile."""
+    return torch.compiler.is_compiling() and _opaque_kind(kind, dtype)
+
+
+OPAQUE_MODES = ("auto", "off", "on")
+
+
+def opaque_mode() -> str:
+    """MVLOSS_TRITON_OPAQUE = auto (default: ``opaque_when_compiled``'s rule), off (every op traced under
+    torch.compile: the forward's register cap is dropped, and under the interpreter a compiled step fails) or on
+    (every op opaque under torch.compile).  For comparing the two in a compiled step."""
+    return _choice("MVLOSS_TRITON_OPAQUE", OPAQUE_MODES, "auto")
+
+
+# Dynamo calls it and keeps the result (no tracing of the environment reads and lru caches below); it depends on
+# the dtype and the environment only, so a small batch under a cap-carrying table is opaque too (the same launches)
+@torch.compiler.assume_constant_result
+def _opaque_kind(kind: str, dtype: torch.dtype) -> bool:
+    mode = opaque_mode()
+    if mode != "auto":
+        return mode == "on"
+    if interpreting():
+        return True
+    if autotuning():  # the autotuned launch passes no table options
+        return False
+    large, dim = 1 << 20, 512  # the tables' last rows; D only sets BLOCK_K (k_block)
+    if kind == "forward":
+        return forward_config(large, dim, dtype).get("maxnreg") is not None
+    return backward_mode() == "gemm" and dlogits_config(large, dim, dtype).get("maxnreg") is not None
+
+
 def warp_specializing_ok(dtype: torch.dtype, batch: int) -> bool:
     """Whether a ws form may warp-specialise: on a GPU, with tensor-core operands and more than 64 rows (fp32's exact
     products take the CUDA cores, where there is nothing to overlap, and a small batch cannot fill two consumer

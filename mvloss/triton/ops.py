@@ -6,6 +6,12 @@ implementation (plain PyTorch plus ``wrap_triton`` kernel launches) doubles as t
 ``torch.compile`` traces through them and Inductor sees the kernels.  Autograd is not registered here: the
 ``torch.autograd.Function`` in ``mvloss.autograd`` calls the backend's ``forward``/``backward`` for every backend.
 
+Each has an opaque twin, ``mvloss::<name>_opaque`` (``torch.library.custom_op`` over the same implementation, with
+a hand-written fake): ``torch.compile`` calls it as one extern op and our own launcher runs the kernels at run time.
+``mvloss.triton`` calls a twin under torch.compile where tracing would lose something: a launch's register cap
+(Inductor's user-kernel path, torch 2.11 to 2.14, passes no ``maxnreg`` to Triton) and, under the interpreter, the
+whole launch (fake tensors cannot reach it), so a compiled step runs on the CPU too.
+
 Importing this module imports Triton; ``mvloss.triton`` imports it lazily (when the backend is first chosen).
 """
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import triton_op
+from torch.library import custom_op, triton_op
 
 from . import _config, backward_dw, backward_dx, backward_gemm
 from . import forward_lse as _forward
@@ -43,8 +49,7 @@ def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_s
             None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), None if g_sum is None else _vec(g_sum))
 
 
-@triton_op("mvloss::triton_neg_forward", mutates_args=())
-def triton_neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+def _neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                        labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                        treatment: int, param: float, clamp: bool, need_zsum: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +64,7 @@ def triton_neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_
                            need_zsum)
 
 
-@triton_op("mvloss::triton_neg_backward", mutates_args=())
-def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+def _neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                         labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                         lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], treatment: int,
                         param: float, clamp: bool, need_dscale: bool, need_dbias: bool
@@ -70,10 +74,10 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
     B, D = x.shape
     C = w.shape[0]
     args = _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum)
+    need_dbias = need_dbias and bias is not None
     if B == 0:
         dxhat, dscale, dbias = _empty_batch_grads(D, C, need_dbias, x.device)
         return dxhat, torch.zeros((C, D), dtype=torch.float32, device=x.device), dscale, dbias
-    need_dbias = need_dbias and bias is not None
     if _config.backward_mode() == "recompute":
         dxhat, dscale = backward_dx.launch(*args, treatment, param, clamp, need_dscale)
         dwhat, dbias = backward_dw.launch(*args, treatment, param, clamp, need_dbias)
@@ -81,8 +85,7 @@ def triton_neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w
     return backward_gemm.launch(*args, treatment, param, clamp, need_dscale, need_dbias)
 
 
-@triton_op("mvloss::triton_neg_backward_w", mutates_args=())
-def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
+def _neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                           labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                           lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], g_cos: torch.Tensor,
                           treatment: int, param: float, clamp: bool, need_dscale: bool, need_dbias: bool,
@@ -103,3 +106,37 @@ def triton_neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor,
         dxhat, dscale, dbias = _empty_batch_grads(D, C, need_dbias, x.device)
         return dxhat, w_out.zero_(), dscale, dbias
     return backward_gemm.launch(*args, treatment, param, clamp, need_dscale, need_dbias, finish_w=finish)
+
+
+triton_neg_forward = triton_op("mvloss::triton_neg_forward", mutates_args=())(_neg_forward)
+triton_neg_backward = triton_op("mvloss::triton_neg_backward", mutates_args=())(_neg_backward)
+triton_neg_backward_w = triton_op("mvloss::triton_neg_backward_w", mutates_args=())(_neg_backward_w)
+
+triton_neg_forward_opaque = custom_op("mvloss::triton_neg_forward_opaque", mutates_args=())(_neg_forward)
+triton_neg_backward_opaque = custom_op("mvloss::triton_neg_backward_opaque", mutates_args=())(_neg_backward)
+triton_neg_backward_w_opaque = custom_op("mvloss::triton_neg_backward_w_opaque", mutates_args=())(_neg_backward_w)
+
+
+def _fp32(*shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+@triton_neg_forward_opaque.register_fake
+def _(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, need_zsum=True):
+    return _fp32(x.shape[0], like=x), _fp32(x.shape[0], like=x)
+
+
+@triton_neg_backward_opaque.register_fake
+def _(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp, need_dscale,
+      need_dbias):
+    (B, D), C = x.shape, w.shape[0]
+    return (_fp32(B, D, like=x), _fp32(C, D, like=x), _fp32(B if need_dscale else 0, like=x),
+            _fp32(C if need_dbias and bias is not None else 0, like=x))
+
+
+@triton_neg_backward_w_opaque.register_fake
+def _(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g_cos, treatment, param, clamp, need_dscale,
+      need_dbias, normalize_w, eps):
+    (B, D), C = x.shape, w.shape[0]
+    return (_fp32(B, D, like=x), torch.empty_like(w), _fp32(B if need_dscale else 0, like=x),
+            _fp32(C if need_dbias and bias is not None else 0, like=x))
