@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, profile, hostcalls, fp32seeds
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, dwstream, profile, hostcalls, fp32seeds
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -157,6 +157,17 @@ if has tritonws; then
       --step-only --B 1024 --D 512 --C ${TRITONWS_C:-1000000} --out "$OUT/tritonws_$elems.json" \
       > "$OUT/tritonws_$elems.log" 2>&1
     tail -n 1 "$OUT/tritonws_$elems.log"
+  done
+fi
+if has dwstream; then
+  # each class chunk's dW normalisation backward on a second stream (MVLOSS_TRITON_DW_STREAM=1, a candidate: it is
+  # bandwidth-bound and may overlap the next chunk's latency-bound recompute kernel), alternated with the default
+  for run in 0a 1a 0b 1b; do
+    stamp "triton step, MVLOSS_TRITON_DW_STREAM=${run:0:1} ($run)"
+    MVLOSS_TRITON_DW_STREAM=${run:0:1} timeout "${DWSTREAM_TIMEOUT:-120}" "$PY" bench/triton_gpu_timings.py \
+      --step-only --B 1024 --D 512 --C ${DWSTREAM_C:-1000000} --out "$OUT/dwstream_$run.json" \
+      > "$OUT/dwstream_$run.log" 2>&1
+    tail -n 1 "$OUT/dwstream_$run.log"
   done
 fi
 if has profile; then

@@ -438,6 +438,73 @@ def test_triton_kernel_launches_get_whole_tensors(monkeypatch):
     assert not views, f"kernel launches given views (kernel, argument index): {views}"
 
 
+def test_triton_dw_side_stream_order_on_cpu(monkeypatch):
+    """The MVLOSS_TRITON_DW_STREAM branch of the default backward, run on the CPU with stand-in streams: each
+    chunk's normalisation backward runs inside the side stream's context after it waited for the main stream; the
+    chunk's GEMM writes one of two buffers in turn, waiting (from the third chunk) for the side stream's read of
+    it two chunks before; the main stream waits for the side one once at the end; the gradients are the default's
+    bits, fp32 and bf16 (test_triton_dw_side_stream_same_bits runs the real streams on a GPU)."""
+    import contextlib
+
+    from mvloss.triton import backward_gemm
+
+    events, inside = [], []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+        def wait_event(self, event):
+            events.append(f"{self.name} waits event {event.n}")
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            self.n, Event.made = Event.made, Event.made + 1
+
+        def record(self, stream):
+            events.append(f"event {self.n} on {stream.name}")
+
+    main, side = Stream("main"), Stream("side")
+
+    @contextlib.contextmanager
+    def on(stream):
+        inside.append(stream.name)
+        yield
+        inside.pop()
+
+    finish = backward_gemm._finish_chunk
+    monkeypatch.setattr(backward_gemm, "_finish_chunk",
+                        lambda *a: (events.append(f"finish on {inside[-1] if inside else 'main'}"), finish(*a)))
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(16 * 64))  # 64 classes a chunk: 5 chunks
+    side_chunks = [(["main waits event %d" % (k - 2)] if k >= 2 else [])
+                   + ["side waits main", "finish on side", f"event {k} on side"] for k in range(5)]
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, y = make_inputs(16, 300, 24, dtype, device=DEVICE)
+        grads = []
+        with monkeypatch.context() as m:
+            for stand_ins in (False, True):
+                events.clear()
+                if stand_ins:
+                    Event.made = 0
+                    m.setattr(backward_gemm, "_side_stream_ok", lambda x: True)
+                    m.setattr(backward_gemm, "_dw_stream", lambda device: side)
+                    m.setattr(torch.cuda, "current_stream", lambda device=None: main)
+                    m.setattr(torch.cuda, "stream", on)
+                    m.setattr(torch.cuda, "Event", Event)
+                xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+                F.arcface_loss(xd, wd, y, backend="triton", mv="adaptive", t=0.2).backward()
+                grads.append((xd.grad, wd.grad))
+                want = [e for chunk in side_chunks for e in chunk] + ["main waits side"] if stand_ins else \
+                    ["finish on main"] * 5
+                assert events == want, (dtype, events)
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1]), dtype
+
+
 def test_triton_inverse_norms_kernel():
     from mvloss.triton import inverse_norms_pair
 
@@ -1268,6 +1335,48 @@ def test_triton_deterministic():
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_dw_side_stream_same_bits(monkeypatch, dtype):
+    """MVLOSS_TRITON_DW_STREAM=1 (each chunk's normalisation backward of dW on a second stream) gives the default
+    step's bits over eight class chunks, eager and replayed from a CUDA graph, and a few steps later the same again
+    (the side stream's chunk buffers are not reused too early)."""
+    monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(256 * 2048))  # 2048 classes a chunk: 8 chunks
+    kw = dict(scale=32.0, margin=0.5, mv="adaptive", t=0.2)
+    x, w, y = make_inputs(256, 16000, 128, dtype, ignore=(3,), device="cuda")
+
+    def step(sx, sw):
+        sx.grad = sw.grad = None
+        F.arcface_loss(sx, sw, y, backend="triton", **kw).backward()
+        return sx.grad, sw.grad
+
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MVLOSS_TRITON_DW_STREAM", flag)
+        sx, sw = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        grads[flag] = [tuple(g.clone() for g in step(sx, sw)) for _ in range(3)]
+    for a, b in zip(grads["0"], grads["1"]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    sx, sw = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(sx, sw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    sx.grad = sw.grad = None
+    with torch.cuda.graph(graph):
+        F.arcface_loss(sx, sw, y, backend="triton", **kw).backward()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        # cuBLAS may pick another algorithm inside the graph: an ulp of the largest entry, as the capture test
+        for got, want in ((sx.grad, grads["0"][0][0]), (sw.grad, grads["0"][0][1])):
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * want.abs().max().item())
 
 
 @gpu

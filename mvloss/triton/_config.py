@@ -85,6 +85,13 @@ def dlogits_mode() -> str:
     return tile_override("dlogits").get("mode") or _choice("MVLOSS_TRITON_DLOGITS", DLOGITS_MODES, "tiles")
 
 
+def dw_side_stream() -> bool:
+    """MVLOSS_TRITON_DW_STREAM=1: the default backward runs each class chunk's normalisation backward of dW (bandwidth-
+    bound) on a second stream, so it can overlap the next chunk's recompute kernel (latency-bound); eager and
+    graph-captured CUDA steps, not traced ones.  The same values.  A candidate (NOTES.md, sixteenth session)."""
+    return os.environ.get("MVLOSS_TRITON_DW_STREAM", "0") == "1"
+
+
 def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.device) -> int:
     """Class programs of the persistent recompute kernel: row tiles x this ~ one per SM (its tiles hold ~255
     registers a thread: one program per SM), at most one per class tile."""

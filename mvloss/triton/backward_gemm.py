@@ -293,7 +293,14 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     # normalisation backward, not in fp32: half the bytes written and read again (2 of 6 GB a step at C = 1M).
     # fp16 keeps fp32 (its range), and so does the PyTorch normalisation backward of rows wider than the kernel's.
     bf16_chunk = gdt == torch.bfloat16 and finish_w is not None and norm_backward.supports(D)
-    for c0 in range(0, C, chunk):
+    side = _dw_stream(dev) if finish_w is not None and norm_backward.supports(D) and _side_stream_ok(x) else None
+    if side is not None:
+        # two chunk buffers, reused in turn: a buffer's GEMM waits (on the GPU) for the side stream's read of it two
+        # chunks before, so the host running ahead cannot make the allocator hold a buffer a chunk
+        main = torch.cuda.current_stream(dev)
+        dw_bufs = [torch.empty((chunk, D), dtype=gdt if bf16_chunk else torch.float32, device=dev) for _ in range(2)]
+        read = [None, None]
+    for k, c0 in enumerate(range(0, C, chunk)):
         c1 = min(C, c0 + chunk)
         n_tiles = _config.cdiv(c1 - c0, bc)
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
@@ -307,11 +314,22 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dxhat = _mm32(g, w[c0:c1])
         else:
             _addmm32_(dxhat, g, w[c0:c1])
-        dw_c = _mm_same(g.T, xhat) if bf16_chunk else _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
+        if side is None:
+            dw_c = _mm_same(g.T, xhat) if bf16_chunk else _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
+        else:
+            if read[k % 2] is not None:
+                main.wait_event(read[k % 2])
+            dw_c = _mm_into(dw_bufs[k % 2][: c1 - c0], g.T, xhat)
         if scale_g:
             dw_c *= big_n
         if finish_w is None:
             dwhat[c0:c1] = dw_c * w_norm[c0:c1, None]
+        elif side is not None:
+            side.wait_stream(main)  # after the chunk's dW GEMM; the next chunk's kernel goes on beside it
+            with torch.cuda.stream(side):
+                _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
+            read[k % 2] = torch.cuda.Event()
+            read[k % 2].record(side)
         else:
             _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
         del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
@@ -319,9 +337,36 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dscale += ds_part[:n_tiles].sum(0)
         if need_dbias:
             dbias[c0:c1] = db_part[:, : c1 - c0].sum(0)
+    if side is not None:
+        main.wait_stream(side)  # dW is whole before anything after the op
     if scale_g:
         dxhat *= row_n[:, None]
     return dxhat, (dwhat if finish_w is None else finish_w[1]), dscale, dbias
+
+
+_dw_streams: dict = {}
+
+
+def _side_stream_ok(x: torch.Tensor) -> bool:
+    """MVLOSS_TRITON_DW_STREAM on a real CUDA tensor, nothing tracing (a traced op keeps one stream)."""
+    return _config.dw_side_stream() and x.is_cuda and not (torch.compiler.is_compiling() or is_fake(x))
+
+
+def _dw_stream(device: torch.device):
+    """The second stream of ``device`` for the per-chunk normalisation backward (made once)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _dw_streams:
+        _dw_streams[key] = torch.cuda.Stream(device=key)
+    return _dw_streams[key]
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b written into ``out``, in the inputs' dtype or fp32 (fp32 accumulation, one rounding)."""
+    if out.dtype == a.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return out.copy_(a.float() @ b.float())  # no half-to-fp32 GEMM on the CPU (the stand-in streams' test)
 
 
 def _scaled_rows(x, x_inv, row_scale, dtype):
