@@ -179,6 +179,45 @@ def test_fp32_error_seeds_script(tmp_path):
     assert os.environ.get("MVLOSS_TARGET_KERNELS") == before  # restored
 
 
+def test_fp32_error_seeds_emulated_ex2(tmp_path):
+    """--emulate-ex2 perturbs the interpreter's exp2 (a stand-in for a GPU's approximate one): a large perturbation
+    breaks the error rule that the exact interpreter keeps, so the stand-in reaches the kernels' exponentials.  In a
+    fresh process: it changes Triton's interpreter class."""
+    import subprocess
+    import sys
+
+    out = {}
+    for rel in ("0", "1e-3"):
+        path = tmp_path / f"seeds_{rel}.json"
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")  # the interpreter, on a GPU host too
+        proc = subprocess.run([sys.executable, bench_script("fp32_error_seeds.py"), "--seeds", "3", "--shape", "1", "5",
+                               "3", "--options", "s1", "--emulate-ex2", rel, "--json", str(path)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data = json.loads(path.read_text())
+        assert data["emulate_ex2"] == float(rel)
+        out[rel] = data["rows"][0]["dx"]
+    assert out["0"]["over_test_bound"] == 0 and out["1e-3"]["over_test_bound"] == 3, out
+
+
+def test_fp32_fma_emulation_script(capsys):
+    """bench/fp32_fma_emulation.py reproduces the GPU-only fp32 error on the CPU: with the backward's z - lse fused
+    (the logit's product unrounded, as a GPU's FMA left it) seeds of the tiny shape break the tests' rule, as three
+    of twelve did on an H100; as written none does, and at logit scale 1 neither copy does."""
+    import importlib.util as iu
+    import re
+
+    spec = iu.spec_from_file_location("fp32_fma_emulation", bench_script("fp32_fma_emulation.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--seeds", "12"]) == 0
+    text = capsys.readouterr().out
+    written, fused = text.split("the backward's z - lse with the product fused")
+    # dx's seeds over the bound, per option set in order: test, plain, s1
+    counts = [[int(n) for n in re.findall(r"over the test bound (\d+) of 12", part)] for part in (written, fused)]
+    assert counts[0] == [0, 0, 0] and counts[1][0] >= 3 and counts[1][2] == 0, text
+
+
 def test_ieee_math_ulps_script(capsys):
     """bench/ieee_math_ulps.py prints the four functions' worst errors, each within the bound the tests assert."""
     import importlib.util as iu

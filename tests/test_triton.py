@@ -630,6 +630,9 @@ def check(kernel, dtype, b, d, r):
         if kernel in ("fwd", "fwd_tma"):  # the table tile's register cap: two programs an SM
             assert r["registers"] <= 128 and r["programs_per_sm"] == 2, r
     assert r["tma_boxes_match"], r  # each TMA copy moves what its buffer holds
+    # z log2 e rounded alike in the forward and the backward (an FMA of it into the backward's z - lse broke
+    # exp(z - lse)'s consistency with the forward's lse: fp32 on a GPU, sixteenth session)
+    assert r["rounded_products"] > 0, r
     assert not r["rows_shifted_twice"], r  # each consumer group's rows are its own half of the row tile
     # the default path spills at most a few words (fp32 fwd: 32 bytes); the recompute design's 512-wide
     # accumulators spill a little (3.8: <= 64 bytes, 3.6: up to 136)

@@ -244,7 +244,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
                 # a warp-specialised kernel's partitions re-size their registers: the producer down, consumers up
                 partition_registers=sorted({int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                          ptx)}),
-                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
+                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                # the logits' products rounded on their own (_tiles.mul_rn): no FMA joins them to what follows
+                rounded_products=len(re.findall(r"\bmul\.rn\.f32", ptx)))
     info.update(_ptxas_info(ptx, arch))
     # a warp-specialised kernel launches more warps than num_warps (its producer and consumer groups)
     info["warps"] = compiled.metadata.num_warps

@@ -178,6 +178,29 @@ def exp2_ftz(v, EXACT: tl.constexpr):
 
 
 @triton.jit
+def mul_rn(a, b, EXACT: tl.constexpr):
+    """a * b rounded to fp32 on its own: on a GPU ``mul.rn.f32``, which neither LLVM nor ptxas fuses into a later add
+    (an FMA skips the product's rounding).  EXACT (the interpreter, where every op rounds): a * b."""
+    if EXACT:
+        out = a * b
+    else:
+        out = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                        pack=1)
+    return out
+
+
+@triton.jit
+def add_rn(a, b, EXACT: tl.constexpr):
+    """a + b rounded on its own (``add.rn.f32``: no FMA absorbs it); EXACT: a + b."""
+    if EXACT:
+        out = a + b
+    else:
+        out = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                        pack=1)
+    return out
+
+
+@triton.jit
 def where_gt(a, b, x, y, EXACT: tl.constexpr):
     """x where a > b, else y.  On a GPU one PTX block an element: LLVM then cannot vectorise the compares, which it
     does for a tile's tl.where (a <32 x i1> mask), and a vector of compare bits costs ~3 instructions an element on
@@ -237,9 +260,12 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
         u = c
     else:
         u = where_gt(c, thr[:, None], treat(c, param, TREATMENT), c, EXACT)
-    z2 = (scale * LOG2E)[:, None] * u
+    # z2 rounded once, alike in every kernel: the forward folds it after a select, the backward subtracts lse from
+    # it, and an FMA of the product into that subtraction (ptxas's contraction of mul.f32 + sub.f32) gave the
+    # backward a z the forward's lse never saw, ~ulp(s) of every logit (fp32 on a GPU, NOTES.md, sixteenth session)
+    z2 = mul_rn((scale * LOG2E)[:, None], u, EXACT)
     if HAS_BIAS:
-        z2 = z2 + (bias * LOG2E)[None, :]
+        z2 = add_rn(z2, (bias * LOG2E)[None, :], EXACT)
     return raw, c, u, z2
 
 
