@@ -1,5 +1,5 @@
 """The fp32 edge shape's GPU-only error, reproduced on the CPU: the backward's z - lse with the logit's product fused
-into the subtraction, as ptxas did on a GPU (an FMA: the product not rounded), against the forward's rounded z.
+into the subtraction, as the compiler did for a GPU (an FMA: the product not rounded), against the forward's rounded z.
 
 The interpreter rounds every fp32 op, so it never shows that.  This script copies ``mvloss`` to a temporary folder,
 rewrites the backward's two ``z2 - lse2`` (``_tiles.dlogit_tile`` and ``dc_tile``) as one fp64 product and

@@ -57,8 +57,8 @@ DLOGITS = [dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),   # 2 / 1
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=4, num_stages=3),   # 3
            dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128),  # the table's, capped: 2
            dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3),   # the table's transposed: 2
-           # 128 x 128 capped: 2, half the L2 traffic of W tiles a chunk; spills 0 / 4 bytes (3.8 / 3.6), with every
-           # optional output 316 / 1064 (sixteenth session)
+           # 128 x 128 capped: 2, half the L2 traffic of W tiles a chunk; spills 4 / 0 bytes (3.8 / 3.6), with every
+           # optional output ~500 / ~860 (sixteenth session)
            dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3, maxnreg=128)]
 BACKWARD = [dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8, num_stages=3),
             dict(BLOCK_B=64, BLOCK_C=64, BLOCK_DO=256, num_warps=8, num_stages=2),

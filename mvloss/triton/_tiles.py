@@ -261,8 +261,8 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
     else:
         u = where_gt(c, thr[:, None], treat(c, param, TREATMENT), c, EXACT)
     # z2 rounded once, alike in every kernel: the forward folds it after a select, the backward subtracts lse from
-    # it, and an FMA of the product into that subtraction (ptxas's contraction of mul.f32 + sub.f32) gave the
-    # backward a z the forward's lse never saw, ~ulp(s) of every logit (fp32 on a GPU, NOTES.md, sixteenth session)
+    # it, and an FMA of the product into that subtraction (Triton's LLVM contracts mul + sub; ptxas may too) gave the
+    # backward a z the forward's lse never saw, ~ulp(z) of every logit (fp32 on a GPU, NOTES.md, sixteenth session)
     z2 = mul_rn((scale * LOG2E)[:, None], u, EXACT)
     if HAS_BIAS:
         z2 = add_rn(z2, (bias * LOG2E)[None, :], EXACT)
@@ -274,7 +274,7 @@ def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, sca
                 CLAMP: tl.constexpr, GSUM: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
     (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+    lse2 = mul_rn(tl.where(lse == float("-inf"), 0.0, lse), LOG2E, UPCAST)  # rounded as the interpreter does
     p = exp2_ftz(negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST), UPCAST)
     dz = g_lse[:, None] * p  # 0 off the negatives
     if GSUM:
@@ -295,7 +295,7 @@ def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, l
       entries negatives_only excludes, and everywhere else the clamped cosine is raw itself (dz would be 0 at the cut
       entries, which is why dz's readers take the full form)."""
     raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, False, HAS_BIAS, UPCAST)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+    lse2 = mul_rn(tl.where(lse == float("-inf"), 0.0, lse), LOG2E, UPCAST)  # rounded as the interpreter does
     arg = negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST)
     if CLAMP:
         arg = where_within_one(raw, arg, UPCAST)
