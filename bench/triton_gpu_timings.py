@@ -301,10 +301,12 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     # mode pays for in host time
     # (TIMINGS_TRACED=1: also with every op traced, MVLOSS_TRITON_OPAQUE=off, so the forward runs without its
     # register cap: the opaque twin's effect, measured in the same run)
-    variants = [("triton_compiled", "auto")]
-    if os.environ.get("TIMINGS_TRACED", "0") == "1":
-        variants.append(("triton_compiled_traced", "off"))
-    for name, opaque in variants if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1" else ():
+    variants = []
+    if device.type == "cuda" and os.environ.get("TIMINGS_COMPILE", "1") == "1":
+        variants.append(("triton_compiled", "auto"))
+        if os.environ.get("TIMINGS_TRACED", "0") == "1":
+            variants.append(("triton_compiled_traced", "off"))
+    for name, opaque in variants:
         with env(MVLOSS_TRITON_OPAQUE=opaque):
             torch._dynamo.reset()  # the choice of ops is made while tracing
             compiled = torch.compile(lambda x, w, y: F.arcface_loss(x, w, y, backend="triton", **kw),

@@ -4,6 +4,7 @@ import os
 import torch
 
 from mvloss import functional as F
+from mvloss.negatives import Treatment, inverse_norms
 
 # Floor on the allowed error, relative to the largest |truth| entry, per input dtype.
 REL_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
@@ -55,3 +56,23 @@ def bench_script(name: str) -> str:
 def env_without_interpreter() -> dict:
     """This process's environment minus TRITON_INTERPRET, for a child that compiles for the GPU or picks itself."""
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def op_args(x, w, y, bias=None, treatment=Treatment.ADAPTIVE, param=0.2, clamp=True):
+    """The Triton forward op's arguments (``torch.ops.mvloss.triton_neg_forward``) for inputs from make_inputs."""
+    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
+    labels = torch.where(y == -100, torch.full_like(y, -1), y)
+    b = x.shape[0]
+    thr = torch.linspace(-0.2, 0.4, b, device=x.device)
+    scale = torch.full((b,), 32.0, device=x.device)
+    return (x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param), bool(clamp))
+
+
+def bwd_args(fwd_args, lse):
+    """The Triton backward op's arguments after op_args's forward: upstream gradients of lse and the logit sum,
+    no dscale, dbias where there is a bias."""
+    x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp = fwd_args
+    g_lse = torch.linspace(0.5, 1.0, x.shape[0], device=x.device)
+    g_sum = torch.full_like(g_lse, 1e-3)
+    return (x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, treatment, param, clamp,
+            False, bias is not None)

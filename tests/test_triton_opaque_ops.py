@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from mvloss import functional as F
-from mvloss.negatives import Treatment, inverse_norms
-from helpers import make_inputs
+from helpers import bwd_args, make_inputs, op_args
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -79,33 +78,21 @@ def test_compiled_step_calls_the_opaque_ops():
         assert "triton_neg_backward_w_opaque" in code
 
 
-def _op_args(dtype=torch.float32, bias=False):
-    x, w, y = make_inputs(B, C, D, torch.float32, ignore=(3,), device=DEVICE)
-    x, w = x.to(dtype), w.to(dtype)
-    x_inv, w_inv = inverse_norms(x, 1e-12), inverse_norms(w, 1e-12)
-    labels = torch.where(y == -100, torch.full_like(y, -1), y)
-    thr = torch.linspace(-0.2, 0.4, B, device=DEVICE)
-    scale = torch.full((B,), 32.0, device=DEVICE)
-    b = torch.linspace(-0.5, 0.5, C, device=DEVICE) if bias else None
-    return (x, w, x_inv, w_inv, labels, thr, scale, b, int(Treatment.ADAPTIVE), 0.2, True)
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_opaque_ops_opcheck(bias):
     """torch.library.opcheck of each twin (schema, fake against real outputs, dynamic shapes), with and without the
     logit sum's gradient and a learnable bias, and the twin equals its triton_op."""
     ops = torch.ops.mvloss
-    fwd = _op_args(torch.bfloat16 if DEVICE == "cuda" else torch.float32, bias)
-    g_lse = torch.linspace(0.5, 1.0, B, device=DEVICE)
-    g_sum = torch.full_like(g_lse, 1e-3)
+    x, w, y = make_inputs(B, C, D, torch.bfloat16 if DEVICE == "cuda" else torch.float32, ignore=(3,), device=DEVICE)
+    fwd = op_args(x, w, y, torch.linspace(-0.5, 0.5, C, device=DEVICE) if bias else None)
     g_cos = torch.linspace(-1.0, 1.0, B, device=DEVICE)
     lse, _ = ops.triton_neg_forward(*fwd)
+    with_sum = bwd_args(fwd, lse)[:-2] + (True, bias)  # dscale asked for too
     for need_zsum in (True, False):
         torch.library.opcheck(ops.triton_neg_forward_opaque.default, fwd + (need_zsum,))
         for got, want in zip(ops.triton_neg_forward_opaque(*fwd, need_zsum), ops.triton_neg_forward(*fwd, need_zsum)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for gs in (g_sum, None):
-        bwd = fwd[:8] + (lse, g_lse, gs) + fwd[8:] + (True, bias)
+    for bwd in (with_sum, with_sum[:10] + (None,) + with_sum[11:]):  # and without the logit sum's gradient
         bwd_w = bwd[:11] + (g_cos,) + bwd[11:] + (True, 1e-12)
         for name, args in (("triton_neg_backward", bwd), ("triton_neg_backward_w", bwd_w)):
             torch.library.opcheck(getattr(ops, name + "_opaque").default, args)

@@ -264,7 +264,9 @@ CAPPED_FORMS = ("tiles", "tma")
 
 def traceable(cfg: dict) -> dict:
     """A kernel's launch options as torch.compile can take them: its traced launch (torch 2.11 to 2.14) treats
-    ``maxnreg`` as a kernel argument, not a launch option, so a compiled step runs without the register cap."""
+    ``maxnreg`` as a kernel argument, not a launch option, so a traced launch runs without the register cap.  A
+    step through ``mvloss.triton`` keeps it: it calls the op's opaque twin where the cap applies
+    (``opaque_when_compiled``); this is for the ops traced as they are (called directly, MVLOSS_TRITON_OPAQUE=off)."""
     if torch.compiler.is_compiling():
         return {k: v for k, v in cfg.items() if k != "maxnreg"}
     return cfg

@@ -23,6 +23,7 @@ multiplied by that bound over the largest one (|G|, |X-hat| <= 1: no fp16 overfl
 multiplied back.
 """
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -197,18 +198,19 @@ def _chunk(B: int, C: int, block_c: int) -> int:
     return min(per, _config.cdiv(C, block_c) * block_c)
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output (half inputs: tensor cores, fp32 accumulation and result)."""
+def _mm32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b with fp32 output (half inputs: tensor cores, fp32 accumulation and result), into ``out`` if given."""
     if a.dtype == torch.float32:
-        return a @ b
+        return a @ b if out is None else torch.mm(a, b, out=out)
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    r = a.float() @ b.float()  # the interpreter's tests: no half-to-fp32 GEMM on the CPU
+    return r if out is None else out.copy_(r)
 
 
-def _mm_same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in the inputs' dtype (fp32 accumulation, one rounding)."""
-    return torch.mm(a, b)
+def _mm_same(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b in the inputs' dtype (fp32 accumulation, one rounding), into ``out`` if given."""
+    return torch.mm(a, b, out=out)
 
 
 _addmm_fp32_out = True  # cleared if this torch rejects addmm(fp32 acc, half, half, out_dtype=fp32)
@@ -314,12 +316,13 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dxhat = _mm32(g, w[c0:c1])
         else:
             _addmm32_(dxhat, g, w[c0:c1])
-        if side is None:
-            dw_c = _mm_same(g.T, xhat) if bf16_chunk else _mm32(g.T, xhat)  # = w_inv_k dwhat_k (/ big_n for fp16)
-        else:
+        buf = None
+        if side is not None:
             if read[k % 2] is not None:
                 main.wait_event(read[k % 2])
-            dw_c = _mm_into(dw_bufs[k % 2][: c1 - c0], g.T, xhat)
+            buf = dw_bufs[k % 2][: c1 - c0]
+        # = w_inv_k dwhat_k (/ big_n for fp16)
+        dw_c = _mm_same(g.T, xhat, buf) if bf16_chunk else _mm32(g.T, xhat, buf)
         if scale_g:
             dw_c *= big_n
         if finish_w is None:
@@ -358,15 +361,6 @@ def _dw_stream(device: torch.device):
     if key not in _dw_streams:
         _dw_streams[key] = torch.cuda.Stream(device=key)
     return _dw_streams[key]
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b written into ``out``, in the inputs' dtype or fp32 (fp32 accumulation, one rounding)."""
-    if out.dtype == a.dtype:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    return out.copy_(a.float() @ b.float())  # no half-to-fp32 GEMM on the CPU (the stand-in streams' test)
 
 
 def _scaled_rows(x, x_inv, row_scale, dtype):

@@ -50,9 +50,9 @@ def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_s
 
 
 def _neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
-                       labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                       treatment: int, param: float, clamp: bool, need_zsum: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                 labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 treatment: int, param: float, clamp: bool, need_zsum: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse, zsum) of the negatives contract (see mvloss.negatives), fp32 (B,); zsum is 0 unless ``need_zsum``."""
     x, w = _operands(x, w)
     B = x.shape[0]
@@ -65,10 +65,10 @@ def _neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: t
 
 
 def _neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
-                        labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                        lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], treatment: int,
-                        param: float, clamp: bool, need_dscale: bool, need_dbias: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], treatment: int,
+                  param: float, clamp: bool, need_dscale: bool, need_dbias: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32; g_sum None is 0."""
     x, w = _operands(x, w)
     B, D = x.shape
@@ -86,11 +86,11 @@ def _neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: 
 
 
 def _neg_backward_w(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
-                          labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                          lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], g_cos: torch.Tensor,
-                          treatment: int, param: float, clamp: bool, need_dscale: bool, need_dbias: bool,
-                          normalize_w: bool, eps: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], g_cos: torch.Tensor,
+                    treatment: int, param: float, clamp: bool, need_dscale: bool, need_dbias: bool,
+                    normalize_w: bool, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of a training step, target column included: (dxhat fp32 (B, D), dW (C, D) in W's dtype and
     layout, dscale (B,) or (0,), dbias (C,) or (0,)).  g_cos (B,) is the upstream gradient of the raw target cosine
     x-hat_i . w-hat_{labels_i} (none where the label is -1); dxhat and dW include it, and dW is through the
