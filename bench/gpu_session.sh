@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, dwstream, profile, hostcalls, fp32seeds
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, dwstream, dwfused, profile, hostcalls, fp32seeds
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -60,9 +60,11 @@ if has other; then
   tail -n 25 "$OUT/tests_other.log"
   # on CUDA tensors, tests that are not gpu-marked (they run on the CPU too): the target side's kernels against
   # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum,
-  # the recompute kernels' dc alone against their full form, the compiled step through the opaque ops (bf16)
+  # the recompute kernels' dc alone against their full form, the compiled step through the opaque ops (bf16), the
+  # fused dW GEMM (bf16 without the interpreter's upcast)
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-180}" "${PYTEST[@]}" tests/test_target_loss.py \
     tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py tests/test_triton_opaque_ops.py \
+    tests/test_dw_fused.py \
     > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi
@@ -169,6 +171,24 @@ if has dwstream; then
       > "$OUT/dwstream_$run.log" 2>&1
     tail -n 1 "$OUT/dwstream_$run.log"
   done
+fi
+if has dwfused; then
+  # the fused dW GEMM (MVLOSS_TRITON_DW_GEMM=fused / fused_tma, candidates): one class chunk alone against cuBLAS's
+  # GEMM + the normalisation backward, each candidate tile; then whole steps with the table's fused tile and the
+  # chunk's fastest beside the default (the table's again after them)
+  stamp "dW chunk, fused against the default"
+  timeout "${DWFUSED_TIMEOUT:-120}" "$PY" bench/dw_fused_timing.py --B 1024 --n 32768 --D 512 \
+    --tiles bench/tiles/dw_fused_2stages.json bench/tiles/dw_fused_64x128.json bench/tiles/dw_fused_accdot_128x64.json \
+    bench/tiles/dw_fused_tma.json bench/tiles/dw_fused_tma_2stages.json bench/tiles/dw_fused_tma_accdot_128x64.json \
+    --out "$OUT/dw_fused_chunk.json" > "$OUT/dw_fused_chunk.log" 2>&1
+  cat "$OUT/dw_fused_chunk.log" | tail -n 9
+  BEST=$("$PY" -c 'import json, sys; f = json.load(open(sys.argv[1]))[0]["fused"]; t = min(f, key=lambda r: r["ms"])["tiles"]
+print("" if t in ("table", "bench/tiles/dw_fused.json") else t)' "$OUT/dw_fused_chunk.json" 2>/dev/null)
+  stamp "triton step with the fused dW GEMM: bench/tiles/dw_fused.json $BEST"
+  timeout "${DWFUSED_STEP_TIMEOUT:-200}" "$PY" bench/triton_gpu_timings.py --step-only --B 1024 --D 512 \
+    --C ${DWFUSED_C:-100000 1000000} --tiles bench/tiles/dw_fused.json $BEST \
+    --out "$OUT/dw_fused_step.json" > "$OUT/dw_fused_step.log" 2>&1
+  grep "triton step" "$OUT/dw_fused_step.log"
 fi
 if has profile; then
   # torch.profiler tables of three Triton training steps (host and device time per op) at PROFILE_C: where an eager

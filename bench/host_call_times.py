@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (module, function): the backward's per-chunk helpers besides every module's launch
 _HELPERS = (("backward_gemm", "_mm32"), ("backward_gemm", "_addmm32_"), ("backward_gemm", "_mm_same"),
             ("backward_gemm", "_finish_chunk"), ("backward_gemm", "_scaled_rows"))
-_MODULES = ("backward_gemm", "forward_lse", "norm_backward", "inv_norm", "target_rows", "target_loss",
+_MODULES = ("backward_gemm", "forward_lse", "norm_backward", "dw_fused", "inv_norm", "target_rows", "target_loss",
             "label_check")
 
 

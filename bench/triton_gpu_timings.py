@@ -277,7 +277,8 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
 
     def tiles_in_use():
         return dict(forward=dict(_config.forward_config(B, D, dtype), mode=_config.forward_mode()),
-                    dlogits=dict(_config.dlogits_config(B, D, dtype), mode=_config.dlogits_mode()))
+                    dlogits=dict(_config.dlogits_config(B, D, dtype), mode=_config.dlogits_mode()),
+                    dw=dict(_config.dw_fused_config(D, dtype), mode=_config.dw_gemm_mode()))
 
     def step_record():
         ms_s = timed(loss_step("triton"))

@@ -678,14 +678,29 @@ for r in compile_target_loss():  # IEEE rounding throughout: no ex2.approx, no d
 from mvloss.triton._compile_check import compile_lse_merge
 r = compile_lse_merge()
 assert r["spill_bytes"] == 0 and r["registers"] <= 128 and not r["approximate"], r
+# the fused weight-gradient GEMM (MVLOSS_TRITON_DW_GEMM=fused): on tensor cores, pipelined, no spills at the table
+# shape (its epilogue passes in 32-column steps: 120-123 registers); partial feature tiles spill ~100 bytes
+from mvloss.triton._compile_check import compile_dw_fused
+for dtype, b, d in cases:
+    r = compile_dw_fused(dtype, b, d)
+    assert r["shared"] <= SHARED_LIMIT and (r["async_copies"] > 0 or d % 16), r
+    assert r["spill_bytes"] <= (0 if d % 32 == 0 else 128), r
+    if dtype == torch.bfloat16 and b == 1024:
+        assert r["wgmma"] > 0 and r["registers"] <= 128, r
+        r = compile_dw_fused(dtype, b, d, use_tma=True)  # fused_tma: the GEMM's tiles by descriptors
+        assert r["tma_copies"] > 0 and r["tma_boxes_match"] and r["spill_bytes"] == 0 and r["registers"] <= 128, r
+        # the row dots from the accumulator, on the 128 x 64 tile of bench/tiles/dw_fused_accdot_128x64.json
+        r = compile_dw_fused(dtype, b, d, config=dict(BLOCK_N=64, ACC_DOT=True))
+        assert r["spill_bytes"] == 0 and r["registers"] <= 128 and r["programs_per_sm"] == 2, r
 print("ok")
 """
 
 
 def test_tma_boxes_match_catches_a_box_larger_than_its_buffer():
     """The compile check's TMA consistency test on IR lines as Triton 3.6 and 3.8 print them: a copy whose
-    descriptor block is its buffer's shape passes; the 3.6 warp-specialisation miscompile (a 128-row box into a
-    64-row buffer) and an in-kernel descriptor whose box no copy matches fail."""
+    descriptor block is its buffer's shape passes, and so does a box of a 128-byte slice of a wider row; the 3.6
+    warp-specialisation miscompile (a 128-row box into a 64-row buffer) and an in-kernel descriptor whose box no copy
+    matches fail."""
     from mvloss.triton._compile_check import tma_boxes_match
 
     def copy(desc, dst, printed_36=True):
@@ -697,6 +712,9 @@ def test_tma_boxes_match_catches_a_box_larger_than_its_buffer():
     assert tma_boxes_match(copy("64x64", "64x64") + copy("128x64", "128x64", False) + make, 2)
     assert not tma_boxes_match(copy("128x64", "64x64"), 2)
     assert not tma_boxes_match(copy("128x64", "128x64", False) + make, 2)
+    # a 256-byte row copied in 128-byte slices (the swizzle's width): the fused dW GEMM's 64 x 128 bf16 tiles
+    assert tma_boxes_match(copy("64x128", "64x128") + make, 2)
+    assert not tma_boxes_match(copy("64x128", "64x128") + make.replace("%c64_i32, %c64_i32", "%c32_i32, %c64_i32"), 2)
     assert tma_boxes_match("no copies here", 2)
 
 
@@ -819,9 +837,9 @@ def test_triton_gpu_timings_blocking_calls_text():
 
 
 def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
-    """--tiles times the step again with each candidate's tiles (MVLOSS_TRITON_TILES; JSON or a file of it), one at a
-    time, records which tiles ran, and times the table's step once more after them; --step-only (the tune stage's
-    quick run) times nothing else."""
+    """--tiles times the step again with each candidate's tiles (MVLOSS_TRITON_TILES; JSON or a file of it, the fused
+    dW GEMM's too), one at a time, records which tiles ran, and times the table's step once more after them;
+    --step-only (the tune stage's quick run) times nothing else."""
     import json
     import subprocess
     import sys
@@ -829,7 +847,7 @@ def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
     script = bench_script("triton_gpu_timings.py")
     out = tmp_path / "t.json"
     first = {"forward": {"BLOCK_B": 16, "BLOCK_C": 32, "num_warps": 4}, "dlogits": {"BLOCK_B": 16}}
-    second = {"dlogits": {"BLOCK_B": 16, "BLOCK_C": 32}}
+    second = {"dlogits": {"BLOCK_B": 16, "BLOCK_C": 32}, "dw": {"mode": "fused", "BLOCK_M": 16}}
     second_file = tmp_path / "second.json"
     second_file.write_text(json.dumps(second))
     args = ["--B", "64", "--C", "3000", "--D", "64"] if torch.cuda.is_available() else ["--smoke"]
@@ -848,6 +866,9 @@ def test_triton_gpu_timings_script_times_candidate_tiles(tmp_path):
     assert ran1["dlogits"]["BLOCK_B"] == 16 and ran1["dlogits"]["BLOCK_C"] == table["dlogits"]["BLOCK_C"]
     # the second candidate alone: the forward the table's, nothing of the first left over
     assert ran2["forward"] == table["forward"] and (ran2["dlogits"]["BLOCK_B"], ran2["dlogits"]["BLOCK_C"]) == (16, 32)
+    # and the fused dW GEMM with its tiles, the table's being cuBLAS's
+    assert (ran2["dw"]["mode"], ran2["dw"]["BLOCK_M"], table["dw"]["mode"], ran1["dw"]) == ("fused", 16, "cublas",
+                                                                                              table["dw"])
     assert "table again" in proc.stdout and "tiles 2:" in proc.stdout
 
 
@@ -1212,12 +1233,16 @@ def test_triton_training_step_captures_in_a_cuda_graph():
 
 @gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("workspace,forms", [(None, "default"), (64 * 1024, "default"), (None, "ws")])
+@pytest.mark.parametrize("workspace,forms", [(None, "default"), (64 * 1024, "default"), (None, "ws"),
+                                             (64 * 1024, "fused_dw")])
 def test_triton_compile_fullgraph_training_step(workspace, forms, monkeypatch):
     """Compiled against eager, with one class chunk and with five (the per-chunk writes into dW under Inductor), and
-    with the warp-specialised forms asked for (eager runs them; the compiled graph takes the pointer kernels)."""
+    with the warp-specialised forms asked for (eager runs them; the compiled graph takes the pointer kernels), and
+    with the fused dW GEMM over five chunks (MVLOSS_TRITON_DW_GEMM=fused: its launches traced inside the op)."""
     if workspace:
         monkeypatch.setenv("MVLOSS_TRITON_WORKSPACE_ELEMS", str(workspace))
+    if forms == "fused_dw":
+        monkeypatch.setenv("MVLOSS_TRITON_DW_GEMM", "fused")
     if forms == "ws":
         monkeypatch.setenv("MVLOSS_TRITON_FORWARD", "ws")
         monkeypatch.setenv("MVLOSS_TRITON_DLOGITS", "ws")
@@ -1388,7 +1413,8 @@ def test_triton_env_vars_documented():
     text = open(readme).read()
     for var in ("MVLOSS_AUTOTUNE", "TRITON_INTERPRET", "MVLOSS_TRITON_SPLITS", "MVLOSS_TRITON_BACKWARD",
                 "MVLOSS_TRITON_WORKSPACE_ELEMS", "MVLOSS_TRITON_FP32_PRECISION", "MVLOSS_TRITON_PROGRAMS",
-                "MVLOSS_TRITON_FORWARD", "MVLOSS_TRITON_DLOGITS"):
+                "MVLOSS_TRITON_FORWARD", "MVLOSS_TRITON_DLOGITS", "MVLOSS_TRITON_DW_STREAM", "MVLOSS_TRITON_DW_GEMM",
+                "MVLOSS_TRITON_OPAQUE", "MVLOSS_TRITON_TILES", "MVLOSS_TRITON_MASKED"):
         assert var in text
 
 

@@ -88,17 +88,19 @@ def sass_instructions(cubin: bytes) -> int:
 
 def tma_boxes_match(ttgir: str, element_size: int) -> bool:
     """Whether every TMA copy moves exactly what its shared-memory buffer holds: each copy's descriptor block is its
-    destination's shape, and the boxes of the descriptors the kernel makes (``tensormap_create``) are among those
-    sizes.  (Triton 3.6 warp-specialising a kernel with host-side descriptors copied 128-row boxes into 64-row
-    buffers.)  True where there is no copy."""
+    destination's shape, and each box of the descriptors the kernel makes (``tensormap_create``, [inner, rows]) has
+    a copy's rows and its inner extent, or a 128-byte slice of it (a row wider than the 128-byte swizzle is copied
+    in such slices).  (Triton 3.6 warp-specialising a kernel with host-side descriptors copied 128-row boxes into
+    64-row buffers.)  True where there is no copy."""
     copies = re.findall(r"async_tma_copy_global_to_local [^\n]*tensordesc<(?:tensor<)?(\d+)x(\d+)x[^\n]*"
                         r"-> !ttg\.memdesc<(\d+)x(\d+)x", ttgir)
     if any((a, b) != (c, d) for a, b, c, d in copies):
         return False
-    dst = {int(c) * int(d) * element_size for _, _, c, d in copies}
-    boxes = {int(k) * int(r) * element_size
+    dst = {(int(c), int(d)) for _, _, c, d in copies}
+    boxes = {(int(k), int(r))
              for k, r in re.findall(r"tensormap_create %\w+, %\w+, \[%c(\d+)_i32, %c(\d+)_i32\]", ttgir)}
-    return boxes <= dst
+    return all(any(rows == r and (inner == k or (inner * element_size == 128 and k % inner == 0)) for r, k in dst)
+               for inner, rows in boxes)
 
 
 def rows_shifted_twice(ttgir: str) -> bool:
@@ -231,6 +233,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     src = ASTSource(fn, sig, constexprs=consts, attrs=_attrs(fn, sig, _sizes(batch, dim)))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={k: v for k, v in cfg.items() if k in _LAUNCH_OPTIONS})
+    return _kernel_info(compiled, kernel, dtype, batch, dim, cfg, arch)
+
+
+def _kernel_info(compiled, kernel: str, dtype: torch.dtype, batch: int, dim: int, cfg: dict, arch: int) -> dict:
+    """What ``compile_kernel`` reports of a compiled B x C kernel (and ``compile_dw_fused`` of the dW GEMM)."""
     ptx = compiled.asm["ptx"]
     info = dict(kernel=kernel, dtype=_DT[dtype], B=batch, D=dim, config=cfg, shared=compiled.metadata.shared,
                 async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)|cp\.async\.bulk\.tensor", ptx)),
@@ -253,6 +260,42 @@ def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, dim: int, arch: 
     info["programs_per_sm"] = programs_per_sm(info["registers"], info["warps"], info["shared"])
     info["sass_instructions"] = sass_instructions(compiled.asm["cubin"])
     return info
+
+
+def compile_dw_fused(dtype: torch.dtype, batch: int, dim: int, arch: int = 90, config: dict | None = None,
+                     use_tma: bool = False) -> dict:
+    """Compile the fused weight-gradient GEMM (``dw_fused``, MVLOSS_TRITON_DW_GEMM=fused, or fused_tma with
+    ``use_tma``) with ``_config``'s tiles for ``dim`` and ``dtype`` (or ``config``), specialised as its launch of a
+    chunk of the benchmark's (a batch of ``batch`` rows, whole tiles): what ``compile_kernel`` reports."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("run without TRITON_INTERPRET=1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _config
+    from .dw_fused import EPI_N, dw_fused_kernel
+
+    cfg = {**_config.dw_fused_config(dim, dtype), **(config or {})}  # a config without ACC_DOT: the table's
+    consts = dict(NORMALIZE=True, UPCAST=False, PRECISION=_config.input_precision(dtype), EPI_N=EPI_N, TMA=use_tma,
+                  EVEN_M=True, EVEN_N=dim % cfg["BLOCK_N"] == 0 and dim % EPI_N == 0,
+                  EVEN_K=batch % cfg["BLOCK_K"] == 0,
+                  **{k: v for k, v in cfg.items() if k not in _LAUNCH_OPTIONS})
+    sig = {}
+    for name in dw_fused_kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "w_inv_ptr":
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + _DT[dtype]
+        else:
+            sig[name] = "fp32" if name == "eps" else "i32"
+    sizes = dict(B=batch, n=32768, D=dim, c0=32768, ldg=32768, sxb=dim, swc=dim, sor=dim)
+    src = ASTSource(dw_fused_kernel, sig, constexprs=consts, attrs=_attrs(dw_fused_kernel, sig, sizes))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={k: v for k, v in cfg.items() if k in _LAUNCH_OPTIONS})
+    return _kernel_info(compiled, "dw_fused_tma" if use_tma else "dw_fused", dtype, batch, dim, cfg, arch)
 
 
 def approximate_ops(ptx: str) -> list:

@@ -49,6 +49,7 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 BACKWARD_MODES = ("gemm", "recompute")
 FORWARD_MODES = ("tiles", "flat", "tma", "ws")
 DLOGITS_MODES = ("tiles", "persistent", "tma", "ws")
+DW_GEMM_MODES = ("cublas", "fused", "fused_tma")
 
 
 def fp32_precision() -> str:
@@ -90,6 +91,15 @@ def dw_side_stream() -> bool:
     bound) on a second stream, so it can overlap the next chunk's recompute kernel (latency-bound); eager and
     graph-captured CUDA steps, not traced ones.  The same values.  A candidate (NOTES.md, sixteenth session)."""
     return os.environ.get("MVLOSS_TRITON_DW_STREAM", "0") == "1"
+
+
+def dw_gemm_mode() -> str:
+    """MVLOSS_TRITON_DW_GEMM = cublas (default: each class chunk's weight gradient is a cuBLAS GEMM, then the one-pass
+    normalisation backward, ``norm_backward``) or fused (one Triton kernel, the normalisation backward in the GEMM's
+    epilogue: ``dw_fused.py``; bf16 and fp32 with the fused weight gradient) or fused_tma (fused, its GEMM's tiles
+    through TMA descriptors where they can be made, ``tma.usable``).  Candidates (NOTES.md, seventeenth session).
+    MVLOSS_TRITON_TILES's dw "mode", where given, wins."""
+    return tile_override("dw").get("mode") or _choice("MVLOSS_TRITON_DW_GEMM", DW_GEMM_MODES, "cublas")
 
 
 def dlogits_class_programs(row_tiles: int, class_tiles: int, device: torch.device) -> int:
@@ -195,9 +205,12 @@ def k_block(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 64
 
 
-TILE_KINDS = ("forward", "dlogits")
+TILE_KINDS = ("forward", "dlogits", "dw")
 TILE_KEYS = ("BLOCK_B", "BLOCK_C", "num_warps", "num_stages", "maxnreg", "mode")
-MODES = {"forward": FORWARD_MODES, "dlogits": DLOGITS_MODES}
+# the fused weight-gradient GEMM's tiles: rows (classes), columns (features) and the K slice (the batch), which no
+# other kernel shares
+DW_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ACC_DOT", "num_warps", "num_stages", "maxnreg", "mode")
+MODES = {"forward": FORWARD_MODES, "dlogits": DLOGITS_MODES, "dw": DW_GEMM_MODES}
 
 
 def tile_override(kind: str) -> dict:
@@ -206,7 +219,8 @@ def tile_override(kind: str) -> dict:
     ``{"forward": {"BLOCK_B": 64, "BLOCK_C": 128, "num_warps": 4, "num_stages": 3}}``; "mode" sets the kernel's
     loop form (``forward_mode`` / ``dlogits_mode``) with them.  For timing candidate tiles in a whole training step
     (``bench/triton_gpu_timings.py --tiles``, bench/gpu_session.sh's tune stage); BLOCK_K is not among them, since
-    the forward and the backward must share it."""
+    the forward and the backward must share it.  "dw" sets the fused weight-gradient GEMM's tiles (DW_TILE_KEYS,
+    ``dw_fused_config``) and, with "mode", ``dw_gemm_mode``."""
     raw = os.environ.get("MVLOSS_TRITON_TILES", "").strip()
     return dict(_parse_tiles(raw).get(kind, {})) if raw else {}
 
@@ -222,12 +236,13 @@ def _parse_tiles(raw: str) -> dict:
     for kind, cfg in tiles.items():
         if kind not in TILE_KINDS:
             raise ValueError(f"MVLOSS_TRITON_TILES: {kind!r} is not one of {TILE_KINDS}")
-        unknown = sorted(set(cfg) - set(TILE_KEYS))
+        keys = DW_TILE_KEYS if kind == "dw" else TILE_KEYS
+        unknown = sorted(set(cfg) - set(keys))
         if unknown:
-            raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: {unknown} are not among {TILE_KEYS}")
+            raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: {unknown} are not among {keys}")
         if cfg.get("mode", MODES[kind][0]) not in MODES[kind]:
             raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: mode {cfg['mode']!r} is not one of {MODES[kind]}")
-        if SPLIT_ALIGN % cfg.get("BLOCK_C", 1):
+        if kind != "dw" and SPLIT_ALIGN % cfg.get("BLOCK_C", 1):
             raise ValueError(f"MVLOSS_TRITON_TILES[{kind!r}]: BLOCK_C must divide {SPLIT_ALIGN} (class splits)")
     return tiles
 
@@ -361,6 +376,20 @@ def _dlogits_table(batch: int, dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or batch <= 16:
         return dict(BLOCK_B=16, BLOCK_C=128, BLOCK_K=bk, num_warps=4, num_stages=4)
     return dict(BLOCK_B=64, BLOCK_C=128, BLOCK_K=bk, num_warps=8, num_stages=3)
+
+
+def dw_fused_config(dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the fused weight-gradient GEMM (``dw_fused``), or MVLOSS_TRITON_TILES's "dw" where it sets them.
+    bf16: 128 x 128 with K slices of 64, as a Hopper GEMM's tile; fp32's exact products (CUDA cores) take smaller
+    ones.  ACC_DOT (the row dots from the GEMM's accumulator, ``dw_fused_kernel``) takes registers the 128 x 128
+    tile lacks.  Chosen by the sm_90 compile check (``python -m mvloss.triton._compile_check``); not yet timed."""
+    if interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, ACC_DOT=False, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, ACC_DOT=False, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, ACC_DOT=False, num_warps=8, num_stages=3)
+    return {**cfg, **_tiles_of("dw")}
 
 
 def backward_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dict:

@@ -17,7 +17,8 @@ That is one recompute in total (the 8 B C D count: forward, recompute, dX, dW). 
 is bitwise reproducible.  With ``finish_w`` (the fused weight gradient, what a training step runs) the target
 column's entry of dc is the upstream gradient of cos_y, so the same two GEMMs carry the target side's gradient,
 and each chunk goes through the normalisation backward into dW[c0:c1] in the weight's dtype: no C x D fp32 buffer,
-and four launches per chunk (the kernel, two GEMMs, the normalisation backward).
+and four launches per chunk (the kernel, two GEMMs, the normalisation backward); three with
+MVLOSS_TRITON_DW_GEMM=fused, whose one kernel (dw_fused.py) is the dW GEMM and the normalisation backward.
 fp16 inputs: G's row i is divided by a bound of that row's |dc| (the target column's included) and X-hat's row i is
 multiplied by that bound over the largest one (|G|, |X-hat| <= 1: no fp16 overflow or underflow), the products
 multiplied back.
@@ -31,7 +32,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from ..autograd import normalization_backward
-from . import _config, norm_backward, tma
+from . import _config, dw_fused, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
 from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, gradient_tile, row_grads,
                      row_vectors, span_mask, tma_row_tile, where_ne)
@@ -295,7 +296,11 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
     # normalisation backward, not in fp32: half the bytes written and read again (2 of 6 GB a step at C = 1M).
     # fp16 keeps fp32 (its range), and so does the PyTorch normalisation backward of rows wider than the kernel's.
     bf16_chunk = gdt == torch.bfloat16 and finish_w is not None and norm_backward.supports(D)
-    side = _dw_stream(dev) if finish_w is not None and norm_backward.supports(D) and _side_stream_ok(x) else None
+    # MVLOSS_TRITON_DW_GEMM=fused: one kernel a chunk for the GEMM and the normalisation backward (no chunk buffer)
+    fused_dw = (finish_w is not None and not scale_g and _config.dw_gemm_mode() != "cublas"
+                and dw_fused.usable(work, xhat, w, finish_w[1]))
+    side = (_dw_stream(dev) if finish_w is not None and not fused_dw and norm_backward.supports(D)
+            and _side_stream_ok(x) else None)
     if side is not None:
         # two chunk buffers, reused in turn: a buffer's GEMM waits (on the GPU) for the side stream's read of it two
         # chunks before, so the host running ahead cannot make the allocator hold a buffer a chunk
@@ -316,26 +321,29 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             dxhat = _mm32(g, w[c0:c1])
         else:
             _addmm32_(dxhat, g, w[c0:c1])
-        buf = None
-        if side is not None:
-            if read[k % 2] is not None:
-                main.wait_event(read[k % 2])
-            buf = dw_bufs[k % 2][: c1 - c0]
-        # = w_inv_k dwhat_k (/ big_n for fp16)
-        dw_c = _mm_same(g.T, xhat, buf) if bf16_chunk else _mm32(g.T, xhat, buf)
-        if scale_g:
-            dw_c *= big_n
-        if finish_w is None:
-            dwhat[c0:c1] = dw_c * w_norm[c0:c1, None]
-        elif side is not None:
-            side.wait_stream(main)  # after the chunk's dW GEMM; the next chunk's kernel goes on beside it
-            with torch.cuda.stream(side):
-                _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
-            read[k % 2] = torch.cuda.Event()
-            read[k % 2].record(side)
+        if fused_dw:
+            dw_fused.launch(work, c1 - c0, xhat, w, w_inv, finish_w[3], finish_w[2], finish_w[1], c0)
         else:
-            _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
-        del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
+            buf = None
+            if side is not None:
+                if read[k % 2] is not None:
+                    main.wait_event(read[k % 2])
+                buf = dw_bufs[k % 2][: c1 - c0]
+            # = w_inv_k dwhat_k (/ big_n for fp16)
+            dw_c = _mm_same(g.T, xhat, buf) if bf16_chunk else _mm32(g.T, xhat, buf)
+            if scale_g:
+                dw_c *= big_n
+            if finish_w is None:
+                dwhat[c0:c1] = dw_c * w_norm[c0:c1, None]
+            elif side is not None:
+                side.wait_stream(main)  # after the chunk's dW GEMM; the next chunk's kernel goes on beside it
+                with torch.cuda.stream(side):
+                    _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
+                read[k % 2] = torch.cuda.Event()
+                read[k % 2].record(side)
+            else:
+                _finish_chunk(dw_c, c0, c1, w, w_inv, *finish_w[1:])
+            del dw_c  # before the next chunk's GEMM allocates its own: one chunk buffer alive at a time
         if need_dscale:
             dscale += ds_part[:n_tiles].sum(0)
         if need_dbias:
