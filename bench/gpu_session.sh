@@ -61,10 +61,10 @@ if has other; then
   # on CUDA tensors, tests that are not gpu-marked (they run on the CPU too): the target side's kernels against
   # their PyTorch path, the mask-free tiles against every mask kept (compiled, bf16 too), the optional logit sum,
   # the recompute kernels' dc alone against their full form, the compiled step through the opaque ops (bf16), the
-  # fused dW GEMM (bf16 without the interpreter's upcast)
+  # fused dW GEMM (bf16 without the interpreter's upcast), the O(B) kernels' exp / log and the stores' rounding
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-180}" "${PYTEST[@]}" tests/test_target_loss.py \
     tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py tests/test_triton_opaque_ops.py \
-    tests/test_dw_fused.py \
+    tests/test_dw_fused.py tests/test_ieee_math.py \
     > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi

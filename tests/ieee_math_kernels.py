@@ -1,9 +1,11 @@
 """Test kernels that evaluate the O(B) kernels' scalar functions elementwise (``mvloss.triton._ieee_math``, and the
-target side's softplus40), so the tests can hold them against fp64 (imported only where Triton is installed)."""
+target side's softplus40), so the tests can hold them against fp64, and the kernels' rounding of stored values
+(``_tiles.cast_for``) (imported only where Triton is installed)."""
 import triton
 import triton.language as tl
 
 from mvloss.triton._ieee_math import exp_neg, log_pos
+from mvloss.triton._tiles import cast_for
 from mvloss.triton.target_loss import softplus40
 
 
@@ -23,3 +25,10 @@ def log_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     tl.store(out_ptr + i, log_pos(tl.load(x_ptr + i, mask=mask, other=1.0)), mask=mask)
+
+
+@triton.jit
+def cast_kernel(x_ptr, out_ptr, n, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    tl.store(out_ptr + i, cast_for(tl.load(x_ptr + i, mask=mask, other=0.0), out_ptr, INTERPRETED), mask=mask)

@@ -62,3 +62,28 @@ def test_log_to_a_few_ulps():
     err = (out.double() - want).abs()
     assert (err <= torch.maximum(4 * 2.0 ** -24 * want.abs(), torch.full_like(want, 2.0 ** -24))).all(), \
         (err.max().item(), x[err.argmax()].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stored_values_round_to_nearest_even(dtype):
+    """What the kernels store in a half dtype (``_tiles.cast_for``) is PyTorch's round-to-nearest-even of the fp32
+    value, ties, infinities, overflow to inf and NaN included (normal numbers), on a GPU and under the interpreter,
+    whose own conversion to bf16 truncates (shown: the same kernel without the rounding)."""
+    from ieee_math_kernels import cast_kernel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g) * torch.logspace(-30, 30, 20000)
+    # bf16 halfway points, normal numbers (the interpreter's own conversion of subnormals to bf16 is wrong besides)
+    ties = (torch.randint(0x0080, 0x7F80, (2000,), generator=g, dtype=torch.int32) << 16) | 0x8000
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.4e38, -3.4e38, 65520.0, 1.0])
+    x = torch.cat([x, ties.view(torch.float32), special]).to(DEVICE)
+    interpreted = DEVICE == "cpu"
+    out = torch.empty_like(x, dtype=dtype)
+    cast_kernel[(triton_cdiv(x.numel(), 1024),)](x, out, x.numel(), INTERPRETED=interpreted, BLOCK=1024)
+    want = x.to(dtype)
+    assert ((out == want) | (out.isnan() & want.isnan())).all()
+    if interpreted and dtype == torch.bfloat16:  # the interpreter's own conversion: truncation
+        raw = torch.empty_like(out)
+        cast_kernel[(triton_cdiv(x.numel(), 1024),)](x, raw, x.numel(), INTERPRETED=False, BLOCK=1024)
+        finite = x.isfinite()
+        assert (raw[finite].float().abs() <= x[finite].abs()).all() and (raw != want).sum() > 1000

@@ -201,6 +201,18 @@ def add_rn(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
+def cast_for(x, ptr, INTERPRETED: tl.constexpr):
+    """fp32 ``x`` in ``ptr``'s element type, rounded to nearest even, for a store.  A GPU's conversion rounds so; the
+    interpreter's to bf16 truncates (triton 3.6 and 3.8), so there (INTERPRETED) it is rounded first on its bits and
+    the truncation then exact: the interpreter's bf16 outputs are a GPU's."""
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, up.to(tl.float32, bitcast=True), x)  # NaN kept as it is
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def where_gt(a, b, x, y, EXACT: tl.constexpr):
     """x where a > b, else y.  On a GPU one PTX block an element: LLVM then cannot vectorise the compares, which it
     does for a tile's tl.where (a <32 x i1> mask), and a vector of compare bits costs ~3 instructions an element on

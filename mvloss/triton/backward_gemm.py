@@ -34,12 +34,13 @@ from torch._subclasses.fake_tensor import is_fake
 from ..autograd import normalization_backward
 from . import _config, dw_fused, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
-from ._tiles import (column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, gradient_tile, row_grads,
-                     row_vectors, span_mask, tma_row_tile, where_ne)
+from ._tiles import (cast_for, column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, gradient_tile,
+                     row_grads, row_vectors, span_mask, tma_row_tile, where_ne)
 
 
 @triton.jit
-def store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, BLOCK_C: tl.constexpr):
+def store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, UPCAST: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
     """Over the tile just stored: G's entry at each row's target column, if it lies in the tile, = g_cos_i w_inv_y
     (the upstream gradient of cos_y, so both GEMMs carry the target side too).  The barrier orders these stores
     after the tile's, which other threads made."""
@@ -48,7 +49,7 @@ def store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1,
     hit = rmask & (lab32 >= t0) & (lab32 < tl.minimum(t0 + BLOCK_C, c1))
     gt = tl.load(g_cos_ptr + rows, mask=hit, other=0.0) * tl.load(w_inv_ptr + lab32, mask=hit, other=0.0)
     tl.debug_barrier()
-    tl.store(g_rows + (lab32 - c0), gt.to(g_rows.dtype.element_ty), mask=hit)
+    tl.store(g_rows + (lab32 - c0), cast_for(gt, g_rows, UPCAST), mask=hit)
 
 
 @triton.jit
@@ -79,10 +80,10 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
         g = g * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
     local = cols - c0
     g_rows = g_ptr + rows64 * ldg  # a pointer a row, an int32 offset an entry
-    tl.store(g_rows[:, None] + local[None, :], g.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(g_rows[:, None] + local[None, :], cast_for(g, g_ptr, UPCAST), mask=rmask[:, None] & cmask[None, :])
     if TARGET_AFTER:
         tl.static_assert(not SCALE_G, "TARGET_AFTER is not taken with an fp16 workspace (_config.target_after)")
-        store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, BLOCK_C)
+        store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1, tile, UPCAST, BLOCK_C)
     if NEED_DSCALE:  # one partial per class tile, summed in order by the launcher (dz is 0 off the negatives)
         tl.store(ds_ptr + tl.cast(tile, tl.int64) * B + rows64, tl.sum(dz * u, axis=1), mask=rmask)
     if NEED_DBIAS:  # one partial per row tile

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _config, tma
-from ._tiles import flat_step, span_mask
+from ._tiles import cast_for, flat_step, span_mask
 
 MAX_D = 8192  # as norm_backward: wider rows take the default path
 EPI_N = 32  # columns a step of the passes over the row block (few registers: the 128 x 128 tile's d . w-hat formed
@@ -67,7 +67,7 @@ def dw_fused_kernel(g_ptr, xh_ptr, w_ptr, w_inv_ptr, out_ptr, B, n, D, c0, ldg, 
             m = mmask[:, None] & dmask[None, :]
             if NORMALIZE and ACC_DOT:
                 dot += tl.sum(acc * tl.load(w_ptr + crow64[:, None] * swc + ds[None, :], mask=m, other=0.0), axis=1)
-            tl.store(out_ptr + crow64[:, None] * sor + ds[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_ptr + crow64[:, None] * sor + ds[None, :], cast_for(acc, out_ptr, UPCAST), mask=m)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NORMALIZE:
         inv = tl.load(w_inv_ptr + crow64, mask=mmask, other=1.0)
@@ -82,7 +82,7 @@ def dw_fused_kernel(g_ptr, xh_ptr, w_ptr, w_inv_ptr, out_ptr, B, n, D, c0, ldg, 
         for n0 in range(0, D, EPI_N):
             d, that, m, offs = _rows_slice(out_ptr, w_ptr, crow64, mmask, inv, n0, D, sor, swc, EVEN_N, EPI_N)
             d = tl.where(above[:, None], d - dot[:, None] * that, d)
-            tl.store(out_ptr + offs, d.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_ptr + offs, cast_for(d, out_ptr, UPCAST), mask=m)
 
 
 @triton.jit

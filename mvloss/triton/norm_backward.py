@@ -9,14 +9,15 @@ import triton
 import triton.language as tl
 
 from . import _config
+from ._tiles import cast_for
 
 MAX_D = 8192  # one program holds whole rows; wider rows use the PyTorch path
 
 
 @triton.jit
 def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, row0, D, sdr, sdd, str_, std, sor, sod, eps,
-                         NORMALIZE: tl.constexpr, PRESCALED: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         NORMALIZE: tl.constexpr, PRESCALED: tl.constexpr, INTERPRETED: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row r of d goes with row row0 + r of t, inv and out."""
     local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = local < R
@@ -36,7 +37,7 @@ def norm_backward_kernel(d_ptr, t_ptr, inv_ptr, out_ptr, R, row0, D, sdr, sdd, s
         d = tl.where(above[:, None], projected, d)
         if not PRESCALED:  # a prescaled d is dhat * inv already
             d = d * inv[:, None]
-    tl.store(out_ptr + trows64[:, None] * sor + cols64[None, :] * sod, d.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + trows64[:, None] * sor + cols64[None, :] * sod, cast_for(d, out_ptr, INTERPRETED), mask=m)
 
 
 def supports(dim: int) -> bool:
@@ -61,6 +62,7 @@ def launch(dhat: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, eps: float, n
     _config.launcher(norm_backward_kernel, dhat, t, inv, out)[grid](
         dhat, t, inv, out, R, int(row0), D, dhat.stride(0), dhat.stride(1), t.stride(0), t.stride(1), out.stride(0),
         out.stride(1), float(eps), NORMALIZE=bool(normalize), PRESCALED=bool(prescaled) and bool(normalize),
+        INTERPRETED=_config.interpreting(),
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 2048 else 8)
     return out
