@@ -389,8 +389,11 @@ def main(argv=None) -> int:
         for b in a.B:
             for d in a.D:
                 for kernel in ("fwd", "fwd_flat", "fwd_tma", "fwd_ws", "dlogits", "dlogits_persistent", "dlogits_tma",
-                               "dlogits_ws", "dx", "dw"):
-                    r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
+                               "dlogits_ws", "dx", "dw", "dw_fused", "dw_fused_tma"):
+                    if kernel.startswith("dw_fused"):
+                        r = compile_dw_fused(_NAMES[dt], b, d, a.arch, use_tma=kernel == "dw_fused_tma")
+                    else:
+                        r = compile_kernel(kernel, _NAMES[dt], b, d, a.arch)
                     worst = max(worst, r["spill_bytes"])
                     print(f"{kernel:18} {dt} B={b:<5} D={d:<5} shared={r['shared']:>6} regs={r['registers']:>3} "
                           f"spill={r['spill_bytes']:>4} per_sm={r['programs_per_sm']} async={r['async_copies']:>3} "

@@ -20,8 +20,8 @@ from . import _config, tma
 from ._tiles import cast_for, flat_step, span_mask
 
 MAX_D = 8192  # as norm_backward: wider rows take the default path
-EPI_N = 32  # columns a step of the passes over the row block (few registers: the 128 x 128 tile's d . w-hat formed
-# in pass 1, from the accumulator, took the kernel to 254 registers on sm_90, one program an SM)
+EPI_N = 32  # columns a step of the passes over the row block: few registers (formed in pass 1 from the 128 x 128
+# accumulator instead, the row dots took the kernel to ~250 registers on sm_90, one program an SM)
 
 
 @triton.jit
