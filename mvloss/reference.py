@@ -19,7 +19,10 @@ from .negatives import apply_treatment
 
 def _normalize(t: torch.Tensor, eps: float) -> torch.Tensor:
     norm = torch.linalg.vector_norm(t.to(compute_dtype(t)), dim=1, keepdim=True)
-    return t / norm.clamp_min(eps).to(t.dtype)
+    denom = norm.clamp_min(eps).to(t.dtype)
+    if t.dtype == torch.float16:  # eps = 1e-12 is 0 in fp16: a zero row would be 0 / 0
+        denom = denom.clamp_min(2.0 ** -24)
+    return t / denom
 
 
 def cosine_matrix(x: torch.Tensor, weight: torch.Tensor, cfg: LossConfig) -> torch.Tensor:

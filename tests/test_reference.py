@@ -135,3 +135,18 @@ def test_focal_and_hard_mining_definitions():
                                (1 - p) ** 2 * per)
     hm = F.hm_softmax_loss(x, w, y, ratio=0.3, backend="reference")
     torch.testing.assert_close(hm, per.sort(descending=True).values[:3].mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_half_zero_rows_are_finite(dtype):
+    """A zero weight row and a zero embedding in half precision: the loss is finite and equals the fp64 truth to the
+    dtype's rounding (eps = 1e-12 is 0 in fp16, so the normalisation's denominator must not round to it)."""
+    x, w, y = make_inputs(7, 11, 6, torch.float32, seed=5)
+    w[3] = 0.0
+    x[2] = 0.0
+    y[0] = 3
+    kw = dict(m2=0.5, mv="adaptive", t=0.2, scale=32.0, reduction="none")
+    truth = F.margin_softmax_loss(x.double(), w.double(), y, backend="reference", **kw)
+    got = F.margin_softmax_loss(x.to(dtype), w.to(dtype), y, backend="reference", **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), truth, rtol=3e-2, atol=3e-2)

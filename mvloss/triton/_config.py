@@ -144,6 +144,12 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # not used by tl.dot for fp16/bf16 operands
 
 
+# fp16 gradient tiles hold dc / (a bound of its row) <= 1 times an inverse norm; a row of norm below 2^-15 (every
+# fp16 entry subnormal; a zero row's inverse norm is 1/eps) would take them past fp16's range (inf, then inf * 0 = NaN
+# in every row of the GEMM), so the inverse norm a tile carries is capped there and the launcher rescales what it can
+FP16_INV_NORM_CAP = 32768.0
+
+
 def scale_dc(dtype: torch.dtype) -> bool:
     """fp16/bf16 inputs: the backward normalises dc per row before rounding it for tl.dot (see _tiles.dc_scale)."""
     return dtype in (torch.float16, torch.bfloat16)

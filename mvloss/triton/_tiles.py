@@ -8,8 +8,21 @@ upcast first when ``UPCAST`` is set (the interpreter's ``tl.dot`` is wrong on ha
 import triton
 import triton.language as tl
 
+from . import _config
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FP16_INV_CAP = tl.constexpr(_config.FP16_INV_NORM_CAP)
+
+
+@triton.jit
+def fp16_safe_inv(inv, FP16: tl.constexpr):
+    """An inverse norm as an fp16 gradient tile may carry it: capped at _config.FP16_INV_NORM_CAP (see there)."""
+    if FP16:
+        out = tl.minimum(inv, FP16_INV_CAP)
+    else:
+        out = inv
+    return out
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..negatives import treatment_derivative_bound
 from . import _config
-from ._tiles import column_vectors, cos_tile, gradient_tile, row_grads, row_vectors
+from ._tiles import column_vectors, cos_tile, fp16_safe_inv, gradient_tile, row_grads, row_vectors
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                                   TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DBIAS or GSUM, True, UPCAST)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)
-        dcx = dc * xinv[:, None]
+        dcx = dc * fp16_safe_inv(xinv, x_ptr.dtype.element_ty == tl.float16)[:, None]
         if SCALE_DC:
             dcx = dcx * rnrm  # |dc / N| <= 1 before it is rounded to fp16/bf16
         dw = tl.dot(tl.trans(dcx.to(xt.dtype)), xt, dw, input_precision=PRECISION)

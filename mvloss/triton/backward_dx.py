@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._tiles import column_vectors, cos_tile, dc_scale, gradient_tile, row_grads, row_vectors
+from ._tiles import column_vectors, cos_tile, dc_scale, fp16_safe_inv, gradient_tile, row_grads, row_vectors
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def neg_dx_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
                                   TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DSCALE or GSUM, True, UPCAST)
         if NEED_DSCALE:
             ds += tl.sum(dz * u, axis=1)  # dz is 0 off the negatives
-        dcw = dc * winv[None, :]
+        dcw = dc * fp16_safe_inv(winv, w_ptr.dtype.element_ty == tl.float16)[None, :]
         if SCALE_DC:
             dcw = dcw * rnrm[:, None]  # |dc / n_i| <= 1 before it is rounded to fp16/bf16
         dx = tl.dot(dcw.to(wt.dtype), wt, dx, input_precision=PRECISION)

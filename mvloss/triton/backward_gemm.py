@@ -34,8 +34,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ..autograd import normalization_backward
 from . import _config, dw_fused, norm_backward, tma
 from .backward_dw import dc_bounds_by_row
-from ._tiles import (cast_for, column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, gradient_tile,
-                     row_grads, row_vectors, span_mask, tma_row_tile, where_ne)
+from ._tiles import (cast_for, column_vectors, cos_tile, cos_tile_tma, dot_slice, flat_step, fp16_safe_inv,
+                     gradient_tile, row_grads, row_vectors, span_mask, tma_row_tile, where_ne)
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
         g_cos = tl.load(g_cos_ptr + rows, mask=rmask, other=0.0)
         dc = where_ne(cols[None, :], lab.to(tl.int32)[:, None], dc, g_cos[:, None], UPCAST)
-    g = dc * winv[None, :]
+    g = dc * fp16_safe_inv(winv, SCALE_G)[None, :]
     if SCALE_G:  # |dc| / row bound <= 1 before it is rounded to fp16
         g = g * tl.load(rn_ptr + rows, mask=rmask, other=0.0)[:, None]
     local = cols - c0
@@ -264,10 +264,14 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
             row_n = torch.maximum(row_n, g_cos.abs())
         big_n = row_n.amax().reshape(1)
         rn, row_scale = 1.0 / row_n, row_n / big_n
+        # G carries the capped inverse norms (_config.FP16_INV_NORM_CAP): each chunk of G^T x-hat is multiplied back
+        # by big_n and to w_inv dwhat (the fused weight gradient's input) or dwhat
+        g_inv = w_inv.clamp_max(_config.FP16_INV_NORM_CAP)
+        dw_rescale = (w_inv / g_inv if finish_w is not None else 1.0 / g_inv) * big_n
     xhat = _scaled_rows(x, x_inv, row_scale, gdt)
     dxhat = None  # the first chunk's GEMM makes it, the others add into it
     dwhat = torch.empty((C, D) if finish_w is None else (0, D), dtype=torch.float32, device=dev)
-    w_norm = 1.0 / w_inv if finish_w is None else None  # the contract's dwhat: G carries w_inv, taken off again
+    w_norm = 1.0 / w_inv if finish_w is None and not scale_g else None  # dwhat: G carries w_inv, taken off again
     dscale = torch.zeros((B,) if need_dscale else (0,), dtype=torch.float32, device=dev)
     dbias = torch.empty((C,) if need_dbias else (0,), dtype=torch.float32, device=dev)
     n_ct = _config.cdiv(chunk, bc)
@@ -330,12 +334,12 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
                 if read[k % 2] is not None:
                     main.wait_event(read[k % 2])
                 buf = dw_bufs[k % 2][: c1 - c0]
-            # = w_inv_k dwhat_k (/ big_n for fp16)
+            # = w_inv_k dwhat_k (fp16: its capped w_inv_k, over big_n)
             dw_c = _mm_same(g.T, xhat, buf) if bf16_chunk else _mm32(g.T, xhat, buf)
             if scale_g:
-                dw_c *= big_n
+                dw_c *= dw_rescale[c0:c1, None]
             if finish_w is None:
-                dwhat[c0:c1] = dw_c * w_norm[c0:c1, None]
+                dwhat[c0:c1] = dw_c if scale_g else dw_c * w_norm[c0:c1, None]
             elif side is not None:
                 side.wait_stream(main)  # after the chunk's dW GEMM; the next chunk's kernel goes on beside it
                 with torch.cuda.stream(side):
