@@ -32,6 +32,12 @@ def run(x, w, y, backend, fn=F.margin_softmax_loss, **kw):
     return [loss.detach().double(), x.grad.double(), w.grad.double()]
 
 
+def allowed_error(truth, ref, dtype, factor=2.0) -> float:
+    """The tests' rule: ``factor`` x the reference's own error against the fp64 truth at ``dtype``, plus a floor
+    relative to the largest |truth| entry."""
+    return factor * (ref - truth).abs().max().item() + REL_FLOOR[dtype] * max(truth.abs().max().item(), 1e-30)
+
+
 def assert_matches_reference(x, w, y, backend, fn=F.margin_softmax_loss, factor=2.0, **kw):
     """The backend's error against an fp64 truth is within ``factor`` x the reference's own error at this dtype."""
     truth = run(x.double(), w.double(), y, "reference", fn, **kw)
@@ -42,7 +48,7 @@ def assert_matches_reference(x, w, y, backend, fn=F.margin_softmax_loss, factor=
         scale = t.abs().max().item()
         err_ref = (r - t).abs().max().item()
         err_got = (g - t).abs().max().item()
-        allowed = factor * err_ref + REL_FLOOR[x.dtype] * max(scale, 1e-30)
+        allowed = allowed_error(t, r, x.dtype, factor)
         assert err_got <= allowed, (f"{name}: {backend} error {err_got:.3e} > allowed {allowed:.3e} "
                                     f"(reference error {err_ref:.3e}, |truth| {scale:.3e}, options {kw})")
     return truth, got
