@@ -250,3 +250,21 @@ def test_fuzz_backends_script(capsys):
     if os.environ.get("TRITON_INTERPRET") == "1":  # as measured under the interpreter
         assert mod.main(["--backends", "triton", "--cases", "1", "--seed", "1025"]) == 1
         assert "case 1025 triton: dW error" in capsys.readouterr().out
+
+
+def test_lse_rounding_script(capsys):
+    """bench/lse_rounding.py: per row of a fuzz case, each backend's lse error in ulps and its dominant class's
+    gradient error against fp64 (the one-fp32-lse rounding of NOTES.md's eighteenth session): a line per row with
+    every backend and PyTorch's softmax, each relative error under 1e-5."""
+    import importlib.util as iu
+    import re
+
+    spec = iu.spec_from_file_location("lse_rounding", bench_script("lse_rounding.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--seed", "1025"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("row ")]
+    assert len(rows) == 1
+    errors = [float(v) for v in re.findall(r"(?:gradient|softmax:) ([0-9.e+-]+)", rows[0])]
+    assert "triton: lse" in rows[0] and "chunked: lse" in rows[0] and len(errors) == 3
+    assert all(0 <= e < 1e-5 for e in errors), rows[0]
