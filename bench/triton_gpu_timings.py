@@ -327,7 +327,7 @@ def bench_shape(B, C, D, dtype, device="cuda", warmup=3, iters=10, skip_eager_ab
     # with a training step's flags without label smoothing: no logit sum (need_zsum False), no gradient of it
     args = (xd, wd, inverse_norms(xd, 1e-12), inverse_norms(wd, 1e-12), y, torch.zeros(B, device=device),
             torch.full((B,), 32.0, device=device), None, 2, 0.2, False, False)
-    lse, _ = torch.ops.mvloss.triton_neg_forward(*args)
+    _, _, lse = torch.ops.mvloss.triton_neg_forward(*args)
     bargs = args[:8] + (lse, torch.ones(B, device=device) / B, None, 2, 0.2, False, False, False)
     ms_f = timed(lambda: torch.ops.mvloss.triton_neg_forward(*args))
     with env(MVLOSS_TRITON_FORWARD=CANDIDATES["MVLOSS_TRITON_FORWARD"]):  # the candidate forward (triton/README.md)

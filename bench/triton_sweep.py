@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     args = (x, w, inverse_norms(x, 1e-12), inverse_norms(w, 1e-12), y, torch.zeros(B, device=device),
             torch.full((B,), 32.0, device=device), None, 2, 0.2, False)
     # a training step's flags without label smoothing: no logit sum, no gradient of it
-    lse, _ = forward_lse.launch(*args, need_zsum=False)
+    _, _, lse = forward_lse.launch(*args, need_zsum=False)
     kargs = args[:8] + (lse, torch.ones(B, device=device) / B, None, 2, 0.2, False, False)
     g_cos = torch.randn(B, generator=torch.Generator().manual_seed(1)).to(device) / B
 

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from . import dispatch
 from .negatives import compute_dtype, inverse_norms
 
 
@@ -196,14 +197,16 @@ class NegativesFunction(torch.autograd.Function):
         x_inv, w_inv = inv_norms_pair(x, w, normalize_x, normalize_w, eps, vec_dtype)
         scale = scale.to(vec_dtype)
         kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
-        lse, zsum = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
-                                    bool(clamp), need_zsum=bool(need_zsum), **kwargs)
+        out = backend.forward(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment), float(param),
+                              bool(clamp), need_zsum=bool(need_zsum), **kwargs)
+        lse, zsum, lse_backward = out[0], out[1], dispatch.lse_for_backward(out)
         # an unused output's gradient stays None instead of a tensor of zeros: with need_zsum off, the backward's
         # g_sum is None and the backends skip it
         ctx.set_materialize_grads(False)
         cos_y = cos_y.clone()  # an output of its own, not the caller's tensor
-        # the target rows ride to the backward (2 x B x D) for backends without a fused weight gradient
-        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y)
+        # the target rows ride to the backward (2 x B x D) for backends without a fused weight gradient; the lse the
+        # backend's backward takes may be a wider copy (Triton's fp64 one: NOTES.md, nineteenth session)
+        ctx.save_for_backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse_backward, xhat, what_y)
         ctx.cfg = (backend, int(treatment), float(param), bool(clamp), normalize_x, normalize_w, eps, kwargs)
         return lse, zsum, cos_y
 
@@ -216,8 +219,8 @@ class NegativesFunction(torch.autograd.Function):
     def _backward(ctx, g_lse, g_sum, g_cos):
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype)
-        g_sum = None if g_sum is None else g_sum.to(lse.dtype)  # None: zero, which the backends skip
+        g_lse = torch.zeros_like(x_inv) if g_lse is None else g_lse.to(x_inv.dtype)
+        g_sum = None if g_sum is None else g_sum.to(x_inv.dtype)  # None: zero, which the backends skip
         need_dscale = ctx.needs_input_grad[2]
         need_dbias = bias is not None and ctx.needs_input_grad[3]
         if ctx.needs_input_grad[1] and (backend.backward_fused_w is not None or _chunk_w_grad(w)):
@@ -244,7 +247,7 @@ class NegativesFunction(torch.autograd.Function):
         x, w, x_inv, w_inv, labels, thr, scale, bias, lse, xhat, what_y = ctx.saved_tensors
         backend, treatment, param, clamp, normalize_x, normalize_w, eps, kwargs = ctx.cfg
         dt = x_inv.dtype
-        g = torch.zeros_like(lse) if g_cos is None else g_cos.to(lse.dtype)
+        g = torch.zeros_like(x_inv) if g_cos is None else g_cos.to(x_inv.dtype)
         fused = backend.backward_fused_w or functools.partial(backward_w_by_chunks, backend.backward, xhat, what_y)
         dxhat, dw, dscale, dbias = fused(
             x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, g,

@@ -31,7 +31,9 @@ class CallSpec:
 class Backend:
     name: str
     priority: int                                   # lower runs first under "auto"
-    forward: Optional[Callable] = None              # the negatives contract, see mvloss.negatives
+    # the negatives contract (mvloss.negatives): forward -> (lse, zsum), or (lse, zsum, lse_for_backward) where the
+    # backend's backward takes a wider copy of lse (Triton: fp64); backward -> (dxhat, dwhat, dscale, dbias)
+    forward: Optional[Callable] = None
     backward: Optional[Callable] = None
     unavailable: Callable[[], Optional[str]] = lambda: None
     cannot_run: Callable[[CallSpec], Optional[str]] = lambda spec: None
@@ -53,6 +55,11 @@ _REGISTRY: dict[str, Backend] = {}
 _OPTIONAL_MODULES = {"triton": "mvloss.triton", "cpu": "mvloss.backends.cpp", "cuda": "mvloss.backends.cpp"}
 _import_errors: dict[str, str] = {}
 _loaded = False
+
+
+def lse_for_backward(forward_out: tuple):
+    """The lse a backend's backward takes, from its forward's outputs: the wider copy where it returns one."""
+    return forward_out[2] if len(forward_out) > 2 else forward_out[0]
 
 
 def register(backend: Backend) -> None:

@@ -23,6 +23,8 @@ and, given per-row upstream gradients ``g_lse`` and ``g_sum`` (zero on ignored r
     dscale_i = sum_k dz_ik * u_ik                        (only when asked)
     dbias_k  = sum_i dz_ik                               (only when asked)
 
+A forward may return a third output, the same lse in a wider dtype, which ``mvloss.autograd`` hands its backward as
+``lse`` instead (the Triton backend's fp64 lse: exp(z - lse) relative to the unrounded lse, not its fp32 rounding).
 The normalisation backward (O(B*D + C*D)) is done once, in ``mvloss.autograd``, for every backend.
 Shapes: x (B, D), w (C, D) (any strides), x_inv (B,), w_inv (C,), labels (B,) int64, thr (B,), scale (B,),
 bias (C,) or None; every per-row / per-class vector is fp32.  Outputs are fp32; dxhat/dwhat may be returned in

@@ -4,8 +4,8 @@ target side's softplus40), so the tests can hold them against fp64, and the kern
 import triton
 import triton.language as tl
 
-from mvloss.triton._ieee_math import exp_neg, log_pos
-from mvloss.triton._tiles import cast_for
+from mvloss.triton._ieee_math import exp_neg, split_log
+from mvloss.triton._tiles import LN2, cast_for
 from mvloss.triton.target_loss import softplus40
 
 
@@ -22,9 +22,11 @@ def scalar_functions_kernel(t_ptr, sp_ptr, sig_ptr, e_ptr, n, BLOCK: tl.constexp
 
 @triton.jit
 def log_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """log x as the lse merge forms it: k ln 2 + log m of split_log, summed in fp64 (out_ptr is fp64)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
-    tl.store(out_ptr + i, log_pos(tl.load(x_ptr + i, mask=mask, other=1.0)), mask=mask)
+    k, log_m = split_log(tl.load(x_ptr + i, mask=mask, other=1.0))
+    tl.store(out_ptr + i, k.to(tl.float64) * LN2 + log_m.to(tl.float64), mask=mask)
 
 
 @triton.jit

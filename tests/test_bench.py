@@ -236,8 +236,9 @@ def test_ieee_math_ulps_script(capsys):
 def test_fuzz_backends_script(capsys):
     """bench/fuzz_backends.py: random option combinations, each backend against the fp64 reference under the tests'
     rule.  A run of cases that keep it exits 0 with a summary line per backend; the known case where the Triton
-    backend's fp32 dW breaks it (case 1025: one row, one dominant negative class, NOTES.md's eighteenth session)
-    exits 1 and names it."""
+    backend's fp32 dW breaks it (case 1025: one row, one dominant negative class, NOTES.md's eighteenth session;
+    2.51x the rule then, 1.77x since its lse is fp64: the rest is its logits' rounding in log2 units, nineteenth
+    session) exits 1 and names it."""
     import importlib.util as iu
 
     spec = iu.spec_from_file_location("fuzz_backends", bench_script("fuzz_backends.py"))
@@ -255,7 +256,8 @@ def test_fuzz_backends_script(capsys):
 def test_lse_rounding_script(capsys):
     """bench/lse_rounding.py: per row of a fuzz case, each backend's lse error in ulps and its dominant class's
     gradient error against fp64 (the one-fp32-lse rounding of NOTES.md's eighteenth session): a line per row with
-    every backend and PyTorch's softmax, each relative error under 1e-5."""
+    every backend and PyTorch's softmax, each relative error under 1e-5, Triton's under 2.5e-7 since its backward
+    takes an fp64 lse (1.6e-6 with its fp32 lse, 3.3e-8 now under the interpreter; chunked's fp32 lse: 8.4e-7)."""
     import importlib.util as iu
     import re
 
@@ -267,4 +269,4 @@ def test_lse_rounding_script(capsys):
     assert len(rows) == 1
     errors = [float(v) for v in re.findall(r"(?:gradient|softmax:) ([0-9.e+-]+)", rows[0])]
     assert "triton: lse" in rows[0] and "chunked: lse" in rows[0] and len(errors) == 3
-    assert all(0 <= e < 1e-5 for e in errors), rows[0]
+    assert all(0 <= e < 1e-5 for e in errors) and errors[0] < 2.5e-7, rows[0]

@@ -227,7 +227,7 @@ def test_triton_fp16_zero_weight_row_leaves_the_other_gradients_finite(monkeypat
         assert (g - t).abs().max().item() <= allowed_error(t, r, torch.float16), name
     # the op's contract values, dwhat (the gradient w.r.t. w-hat) included: finite and as the chunked backend's
     fwd = op_args(x, w, y)
-    lse, _ = torch.ops.mvloss.triton_neg_forward(*fwd)
+    _, _, lse = torch.ops.mvloss.triton_neg_forward(*fwd)
     bwd = bwd_args(fwd, lse)
     dxhat, dwhat, _, _ = torch.ops.mvloss.triton_neg_backward(*bwd)
     up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in bwd]
@@ -415,6 +415,7 @@ def test_triton_contract_matches_chunked(treatment, clamp, dtype):
     for name, a, e in zip(("lse", "zsum"), got, want):
         assert a.dtype == torch.float32 and a.shape == (b,)
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4, msg=name)
+    assert got[2].dtype == torch.float64 and torch.equal(got[2].float(), got[0])  # lse_wide: lse before rounding
     lse = want[0]
     g_lse = torch.rand(b, generator=g).to(DEVICE)
     g_sum = (torch.rand(b, generator=g) * 0.01).to(DEVICE)
@@ -442,10 +443,10 @@ def test_triton_backward_is_bitwise_deterministic(monkeypatch):
     scale = torch.full((9,), 30.0, device=DEVICE)
     outs = []
     for _ in range(2):
-        lse, zsum = forward(x, w, x_inv, w_inv, y, thr, scale, None, int(Treatment.FIXED), 0.2, False)
-        grads = backward(x, w, x_inv, w_inv, y, thr, scale, None, lse, torch.ones_like(lse), torch.zeros_like(lse),
-                         int(Treatment.FIXED), 0.2, False, True, False)
-        outs.append((lse, zsum) + grads[:3])
+        lse, zsum, lse_wide = forward(x, w, x_inv, w_inv, y, thr, scale, None, int(Treatment.FIXED), 0.2, False)
+        grads = backward(x, w, x_inv, w_inv, y, thr, scale, None, lse_wide, torch.ones_like(lse),
+                         torch.zeros_like(lse), int(Treatment.FIXED), 0.2, False, True, False)
+        outs.append((lse, zsum, lse_wide) + grads[:3])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -603,7 +604,8 @@ no_sum = bwd[:10] + (None,) + bwd[11:]  # no gradient of the logit sum
 with FakeTensorMode() as mode:
     out = torch.ops.mvloss.triton_neg_forward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                 for a in fwd])
-    assert [tuple(o.shape) for o in out] == [(b,), (b,)] and all(o.dtype == torch.float32 for o in out)
+    assert [tuple(o.shape) for o in out] == [(b,), (b,), (b,)]
+    assert [o.dtype for o in out] == [torch.float32, torch.float32, torch.float64]
     out = torch.ops.mvloss.triton_neg_backward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                  for a in bwd])
     assert [tuple(o.shape) for o in out] == [(b, d), (c, d), (b,), (c,)]
@@ -1223,7 +1225,7 @@ def test_triton_opcheck():
     for bias in (None, torch.randn(1003, device="cuda")):
         fwd = op_args(x, w, y, bias)
         torch.library.opcheck(torch.ops.mvloss.triton_neg_forward.default, fwd)
-        lse, _ = torch.ops.mvloss.triton_neg_forward(*fwd)
+        _, _, lse = torch.ops.mvloss.triton_neg_forward(*fwd)
         bwd = bwd_args(fwd, lse)
         torch.library.opcheck(torch.ops.mvloss.triton_neg_backward.default, bwd)
         g_cos = torch.linspace(-1.0, 1.0, x.shape[0], device="cuda")
@@ -1318,7 +1320,7 @@ def test_triton_peak_memory_independent_of_b_times_c():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    lse, zsum = torch.ops.mvloss.triton_neg_forward(*fwd)
+    _, _, lse = torch.ops.mvloss.triton_neg_forward(*fwd)
     torch.cuda.synchronize()
     extra_fwd = torch.cuda.max_memory_allocated() - base
     assert extra_fwd < 256 * 2**20, f"forward peak extra {extra_fwd / 2**20:.1f} MB"
@@ -1384,8 +1386,8 @@ def test_triton_deterministic():
     fwd = op_args(x, w, y, torch.randn(30011, device="cuda"))
     outs = []
     for _ in range(3):
-        lse, zsum = torch.ops.mvloss.triton_neg_forward(*fwd)
-        outs.append((lse, zsum) + tuple(torch.ops.mvloss.triton_neg_backward(*bwd_args(fwd, lse))))
+        fwd_out = torch.ops.mvloss.triton_neg_forward(*fwd)
+        outs.append(tuple(fwd_out) + tuple(torch.ops.mvloss.triton_neg_backward(*bwd_args(fwd, fwd_out[2]))))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)

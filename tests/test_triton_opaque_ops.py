@@ -86,7 +86,7 @@ def test_opaque_ops_opcheck(bias):
     x, w, y = make_inputs(B, C, D, torch.bfloat16 if DEVICE == "cuda" else torch.float32, ignore=(3,), device=DEVICE)
     fwd = op_args(x, w, y, torch.linspace(-0.5, 0.5, C, device=DEVICE) if bias else None)
     g_cos = torch.linspace(-1.0, 1.0, B, device=DEVICE)
-    lse, _ = ops.triton_neg_forward(*fwd)
+    _, _, lse = ops.triton_neg_forward(*fwd)
     with_sum = bwd_args(fwd, lse)[:-2] + (True, bias)  # dscale asked for too
     for need_zsum in (True, False):
         torch.library.opcheck(ops.triton_neg_forward_opaque.default, fwd + (need_zsum,))

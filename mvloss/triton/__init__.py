@@ -109,8 +109,9 @@ def _op(name: str, kind: str, x, w):
 
 
 def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, need_zsum=True, **kwargs):
-    """The contract's forward -> (lse, zsum) fp32 (B,), zsum 0 unless ``need_zsum``.  ``chunk_size`` and other
-    backend keywords are ignored."""
+    """The contract's forward -> (lse, zsum, lse_wide) (B,): lse and zsum fp32, zsum 0 unless ``need_zsum``, and
+    lse_wide, the same lse in fp64, for the backward (``Backend.forward``'s optional third output).  ``chunk_size``
+    and other backend keywords are ignored."""
     if not torch.compiler.is_compiling():
         _load_ops()
     return _op("triton_neg_forward", "forward", x, w)(x, w, x_inv, w_inv, labels, thr, scale, bias, int(treatment),

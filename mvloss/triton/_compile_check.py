@@ -59,6 +59,8 @@ def _signature(fn, dtype, consts):
             sig[name] = "*" + _DT[dtype]
         elif name == "labels_ptr":
             sig[name] = "*i64"
+        elif name == "lse_ptr":  # the forward's fp64 lse
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in ("param", "eps"):
@@ -347,8 +349,8 @@ def compile_lse_merge(arch: int = 90) -> dict:
     registers, spills, and its approximate instructions (none: lse enters every probability of its row)."""
     from .forward_lse import merge_kernel
 
-    sig = dict(part_m_ptr="*fp32", part_s_ptr="*fp32", part_z_ptr="*fp32", lse_ptr="*fp32", zsum_ptr="*fp32",
-               B="i32", S="i32", BLOCK="constexpr")
+    sig = dict(part_m_ptr="*fp32", part_s_ptr="*fp32", part_z_ptr="*fp32", lse_ptr="*fp32", lse_wide_ptr="*fp64",
+               zsum_ptr="*fp32", B="i32", S="i32", BLOCK="constexpr")
     return dict(kernel="merge", **_compile_small(merge_kernel, sig, dict(BLOCK=256), arch))
 
 

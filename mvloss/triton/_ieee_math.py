@@ -52,13 +52,12 @@ def log1p_small(e):
 
 
 @triton.jit
-def log_pos(x):
-    """log x for a positive normal fp32 x (+inf and NaN pass through) to ~1 ulp: x = 2^k m with m in [1/sqrt 2,
-    sqrt 2) from the bits (so log1p's argument is small wherever log x is), k ln 2 + log1p(m - 1)."""
+def split_log(x):
+    """(k, log m) with x = 2^k m, m in [1/sqrt 2, sqrt 2), for a positive normal fp32 x: k from the exponent bits
+    (as fp32), log m to ~1 ulp of itself (|log m| <= 0.35), so k ln 2 + log m can be formed in a wider type."""
     bits = x.to(tl.int32, bitcast=True)
     m = ((bits & 8388607) | 1065353216).to(tl.float32, bitcast=True)  # the mantissa under exponent 0: [1, 2)
     big = m > 1.4142135
     m = tl.where(big, m * 0.5, m)
     kf = (((bits >> 23) & 255) - 127).to(tl.float32) + tl.where(big, 1.0, 0.0)
-    out = (kf * LN2_HI + log1p_small(m - 1.0)) + kf * LN2_LO
-    return tl.where((x == x) & (x < float("inf")), out, x)
+    return kf, log1p_small(m - 1.0)

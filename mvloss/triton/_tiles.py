@@ -153,15 +153,23 @@ def row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask):
 
 @triton.jit
 def row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM: tl.constexpr):
-    """The row tile's forward lse and upstream gradients of lse and of the logit sum (the backward's inputs); without
-    GSUM the logit sum has no gradient (0, nothing read)."""
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0)
+    """The row tile's (lse2, g_lse, g_sum): the forward's fp64 lse as lse2, lse log2 e rounded to fp32, with what the
+    rounding dropped, lo = lse log2 e - lse2, folded into g_lse as the factor 2^-lo, so p = 2^(z2 - lse2) g_lse is
+    relative to the row's exact lse, not to its fp32 rounding (an error of ~ulp(|lse|) in every p of the row,
+    NOTES.md, nineteenth session); without GSUM the logit sum has no gradient (0, nothing read).  lse = -inf (no
+    negatives): lse2 = 0."""
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse2_64 = lse * LOG2E  # an fp64 multiply by fp64's log2 e (the constant is kept in fp64)
+    lse2 = lse2_64.to(tl.float32)
+    lo = lse2_64 - lse2.to(tl.float64)
+    lo = tl.where(lo == lo, lo, 0.0).to(tl.float32)  # 0 for a NaN or infinite lse (the tile's p carries it)
+    g_lse = tl.load(g_lse_ptr + rows, mask=rmask, other=0.0) * (1.0 - lo * LN2)  # 2^-lo, |lo| <= ulp(lse2) / 2
     if GSUM:
         g_sum = tl.load(g_sum_ptr + rows, mask=rmask, other=0.0)
     else:
         g_sum = tl.zeros_like(g_lse)
-    return lse, g_lse, g_sum
+    return lse2, g_lse, g_sum
 
 
 @triton.jit
@@ -295,11 +303,10 @@ def logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT: tl.constexpr
 
 
 @triton.jit
-def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
+def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse2, g_lse, g_sum, scale, param, TREATMENT: tl.constexpr,
                 CLAMP: tl.constexpr, GSUM: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """(dz, dc) of the contract: dz = g_lse exp(z - lse) + g_sum on negatives (0 elsewhere), dc = dz s (h' if hard)
-    (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile)."""
-    lse2 = mul_rn(tl.where(lse == float("-inf"), 0.0, lse), LOG2E, UPCAST)  # rounded as the interpreter does
+    (0 where the clamp cut the cosine).  ``z2``: the logits in log2 units (logit_tile); lse2 and g_lse: row_grads'."""
     p = exp2_ftz(negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST), UPCAST)
     dz = g_lse[:, None] * p  # 0 off the negatives
     if GSUM:
@@ -311,7 +318,7 @@ def dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, sca
 
 
 @triton.jit
-def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT: tl.constexpr,
+def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse2, g_lse, TREATMENT: tl.constexpr,
             CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """dc of dlogit_tile, from the raw dot tile, where nothing else is wanted (no logit-sum gradient, no dz partials:
     a training step's flags), in fewer instructions an entry:
@@ -320,7 +327,6 @@ def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, l
       entries negatives_only excludes, and everywhere else the clamped cosine is raw itself (dz would be 0 at the cut
       entries, which is why dz's readers take the full form)."""
     raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, False, HAS_BIAS, UPCAST)
-    lse2 = mul_rn(tl.where(lse == float("-inf"), 0.0, lse), LOG2E, UPCAST)  # rounded as the interpreter does
     arg = negatives_only(z2 - lse2[:, None], float("-inf"), rmask, cmask, cols, lab, LABELS, UPCAST)
     if CLAMP:
         arg = where_within_one(raw, arg, UPCAST)
@@ -328,7 +334,7 @@ def dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, l
 
 
 @triton.jit
-def gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+def gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse2, g_lse, g_sum,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, GSUM: tl.constexpr,
                   WANT_DZ: tl.constexpr, LABELS: tl.constexpr, UPCAST: tl.constexpr):
     """(u, dz, dc) of the raw dot tile, for the recompute kernels.  WANT_DZ (something reads dz or u: dscale, dbias,
@@ -337,10 +343,10 @@ def gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, 
     if WANT_DZ:
         tl.static_assert(LABELS, "dz's readers need the target columns out of dz (TARGET_AFTER is dc alone's)")
         raw, c, u, z2 = logit_tile(acc, xinv, winv, thr, scale, bias, param, TREATMENT, CLAMP, HAS_BIAS, UPCAST)
-        dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse, g_lse, g_sum, scale, param, TREATMENT,
+        dz, dc = dlogit_tile(raw, c, z2, rmask, cmask, cols, lab, thr, lse2, g_lse, g_sum, scale, param, TREATMENT,
                              CLAMP, GSUM, LABELS, UPCAST)
     else:
-        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, TREATMENT, CLAMP,
+        dc = dc_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse2, g_lse, TREATMENT, CLAMP,
                      HAS_BIAS, LABELS, UPCAST)
         u = dc
         dz = dc
@@ -382,5 +388,6 @@ def fold_tile(acc, cols, cmask, xinv, thr, scale, lab, rmask, w_inv_ptr, bias_pt
 
 @triton.jit
 def running_end(run_m, run_s, run_z):
-    """The running (max, sum-exp, sum of z) in natural units: max z, sum exp(z - max z), sum z."""
-    return run_m * LN2, run_s, run_z * LN2
+    """The running (max, sum-exp, sum of z) as the forward's partials: max z log2 e (log2 units still: the merge
+    forms lse in fp64 from it), sum exp(z - max z), sum z."""
+    return run_m, run_s, run_z * LN2

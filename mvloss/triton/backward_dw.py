@@ -42,14 +42,14 @@ def neg_dw_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scale
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-        lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
+        lse2, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
         xt = tl.load(x_ptr + rows64[:, None] * sxb + dcols64[None, :] * sxd,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, cmask, D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, False)
-        u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+        u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse2, g_lse, g_sum,
                                   TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DBIAS or GSUM, True, UPCAST)
         if NEED_DBIAS:
             db += tl.sum(dz, axis=0)

@@ -53,7 +53,7 @@ def store_target_entries(rows, rmask, lab, g_cos_ptr, w_inv_ptr, g_rows, c0, c1,
 
 
 @triton.jit
-def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
+def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse2, g_lse, g_sum, w_inv_ptr, bias_ptr,
                   g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                   TREATMENT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALE_G: tl.constexpr, TARGET: tl.constexpr,
@@ -69,7 +69,7 @@ def store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_
     winv, bias = column_vectors(w_inv_ptr, bias_ptr, cols, cmask, HAS_BIAS)
     # with TARGET_AFTER (dc alone only) the target column's entries are overwritten below, so in-bounds is all the
     # tile's entries need
-    u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse, g_lse, g_sum,
+    u, dz, dc = gradient_tile(acc, xinv, winv, thr, scale, bias, param, rmask, cmask, cols, lab, lse2, g_lse, g_sum,
                               TREATMENT, CLAMP, HAS_BIAS, GSUM, NEED_DSCALE or NEED_DBIAS or GSUM, not TARGET_AFTER,
                               UPCAST)
     if TARGET and not TARGET_AFTER:  # the target column's dc is the upstream gradient of cos_y: both GEMMs carry it
@@ -113,7 +113,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
     rmask = span_mask(rows, B, EVEN_B)
     rows64 = rows.to(tl.int64)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
+    lse2, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     if PERSISTENT:
         n_prog = tl.num_programs(1)
         n_k = tl.cdiv(D, BLOCK_K)
@@ -125,7 +125,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
             acc = dot_slice(x_ptr, w_ptr, rows64, rmask, cols64, span_mask(cols64, c1, FULL), k0, D, sxb, sxd, swc,
                             swd, acc, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             if last:
-                store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr,
+                store_dlogits(acc, tile, rows, rows64, rmask, xinv, thr, scale, lab, lse2, g_lse, g_sum, w_inv_ptr,
                               bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                               TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
                               FULL, TARGET_AFTER, BLOCK_C)
@@ -134,7 +134,7 @@ def neg_dlogits_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, 
         cols64 = (c0 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         acc = cos_tile(x_ptr, w_ptr, rows64, rmask, cols64, span_mask(cols64, c1, FULL), D, sxb, sxd, swc, swd,
                        BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION, EVEN_K)
-        store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse, g_lse, g_sum, w_inv_ptr, bias_ptr,
+        store_dlogits(acc, pid_c, rows, rows64, rmask, xinv, thr, scale, lab, lse2, g_lse, g_sum, w_inv_ptr, bias_ptr,
                       g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
                       TARGET_AFTER, BLOCK_C)
@@ -164,20 +164,20 @@ def neg_dlogits_tma_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_p
     r0, rows = tma_row_tile(pid_b, BLOCK_B)
     rmask = span_mask(rows, B, EVEN_B)
     xinv, thr, scale, lab = row_vectors(x_inv_ptr, thr_ptr, scale_ptr, labels_ptr, rows, rmask)
-    lse, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
+    lse2, g_lse, g_sum = row_grads(lse_ptr, g_lse_ptr, g_sum_ptr, rows, rmask, GSUM)
     if LOOP:
         for tile in tl.range(tl.program_id(1), tl.cdiv(c1 - c0, BLOCK_C), tl.num_programs(1),
                              warp_specialize=WARP_SPECIALIZE):
             acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST,
                                PRECISION)
-            store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+            store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse2, g_lse, g_sum,
                           w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg,
                           param, TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST,
                           FULL, TARGET_AFTER, BLOCK_C)
     else:
         tile = tl.program_id(1)
         acc = cos_tile_tma(x_desc, w_desc, r0, c0 + tile * BLOCK_C, D, BLOCK_B, BLOCK_C, BLOCK_K, UPCAST, PRECISION)
-        store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse, g_lse, g_sum,
+        store_dlogits(acc, tile, rows, rows.to(tl.int64), rmask, xinv, thr, scale, lab, lse2, g_lse, g_sum,
                       w_inv_ptr, bias_ptr, g_cos_ptr, g_ptr, ds_ptr, db_ptr, rn_ptr, pid_b, B, c0, c1, ldg, param,
                       TREATMENT, CLAMP, HAS_BIAS, NEED_DSCALE, NEED_DBIAS, SCALE_G, TARGET, GSUM, UPCAST, FULL,
                       TARGET_AFTER, BLOCK_C)
@@ -318,7 +318,7 @@ def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, trea
         class_programs = _config.dlogits_class_programs(grid_rows, n_tiles, dev) if persistent else n_tiles
         kernel[(grid_rows, class_programs)](
             x, w, x_inv, w_inv, labels, thr, scale, bias if bias is not None else w_inv,
-            lse, g_lse, g_lse if g_sum is None else g_sum, g_cos if g_cos is not None else lse, work,
+            lse, g_lse, g_lse if g_sum is None else g_sum, g_cos if g_cos is not None else g_lse, work,
             ds_part if need_dscale else work, db_part if need_dbias else work, rn if scale_g else w_inv,
             B, c0, c1, D, chunk, *strides, float(param), FULL=_config.whole_tiles(bc, c1 - c0), **meta)
         g = work[:, : c1 - c0]

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from . import _config, forward_tma, tma
-from ._ieee_math import exp_neg, log_pos
-from ._tiles import (cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start,
+from ._ieee_math import exp_neg, split_log
+from ._tiles import (LN2, cos_tile, dot_slice, flat_step, fold_tile, row_vectors, running_end, running_start,
                      span_mask)
 
 
@@ -90,9 +90,11 @@ def neg_lse_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, labels_ptr, thr_ptr, scal
 
 
 @triton.jit
-def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, zsum_ptr, B, S, BLOCK: tl.constexpr):
-    """lse_i = log sum_s part_s[s, i] exp(part_m[s, i]) (-inf when every split is empty), zsum_i = sum_s part_z.
-    exp and log without the GPU's approximations (``_ieee_math``): lse enters every probability of the row."""
+def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, lse_wide_ptr, zsum_ptr, B, S, BLOCK: tl.constexpr):
+    """lse_i = log sum_s part_s[s, i] 2^part_m[s, i] (part_m in log2 units; -inf when every split is empty) in fp64
+    (lse_wide) and rounded to fp32 (lse), zsum_i = sum_s part_z.  The sum is fp32 (each split's term
+    2^(part_m - max) by exp without the GPU's approximations, ``_ieee_math``); lse = max ln 2 + ln(sum) is formed in
+    fp64, so the backward's probabilities take it unrounded (``_tiles.row_grads``)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
@@ -103,28 +105,36 @@ def merge_kernel(part_m_ptr, part_s_ptr, part_z_ptr, lse_ptr, zsum_ptr, B, S, BL
     zsum = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         pm = tl.load(part_m_ptr + s * B + rows, mask=rmask, other=float("-inf"))
-        total += tl.load(part_s_ptr + s * B + rows, mask=rmask, other=0.0) * exp_neg(safe - pm)
+        total += tl.load(part_s_ptr + s * B + rows, mask=rmask, other=0.0) * exp_neg((safe - pm) * LN2)
         zsum += tl.load(part_z_ptr + s * B + rows, mask=rmask, other=0.0)
-    lse = tl.where(total > 0, safe + log_pos(tl.where(total > 0, total, 1.0)), float("-inf"))
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    # total >= 1 where the row has a negative (its max's own term): total = 2^k f, f in [1/sqrt 2, sqrt 2)
+    ok = total > 0
+    k, lnf = split_log(tl.where(ok, total, 1.0))
+    lse = (safe.to(tl.float64) + k.to(tl.float64)) * LN2 + lnf.to(tl.float64)  # fp64 ln 2: exact products
+    lse = tl.where(ok, lse, float("-inf"))
+    lse = tl.where(m < float("inf"), lse, m.to(tl.float64))  # +inf and NaN as they are
+    tl.store(lse_wide_ptr + rows, lse, mask=rmask)
+    tl.store(lse_ptr + rows, lse.to(tl.float32), mask=rmask)
     tl.store(zsum_ptr + rows, zsum, mask=rmask)
 
 
 def merge(part_m: torch.Tensor, part_s: torch.Tensor, part_z: torch.Tensor):
-    """Combine the per-split partials (splits, B) into (lse, zsum) (B,): one launch, whatever the split count."""
+    """Combine the per-split partials (splits, B) into (lse fp32, zsum fp32, lse_wide fp64) (B,): one launch,
+    whatever the split count."""
     splits, B = part_m.shape
     lse = torch.empty(B, dtype=torch.float32, device=part_m.device)
+    lse_wide = torch.empty(B, dtype=torch.float64, device=part_m.device)
     zsum = torch.empty(B, dtype=torch.float32, device=part_m.device)
     block = 128 if _config.interpreting() else 256
-    _config.launcher(merge_kernel)[(_config.cdiv(B, block),)](part_m, part_s, part_z, lse, zsum, B, splits,
-                                                              BLOCK=block)
-    return lse, zsum
+    _config.launcher(merge_kernel)[(_config.cdiv(B, block),)](part_m, part_s, part_z, lse, lse_wide, zsum, B,
+                                                              splits, BLOCK=block)
+    return lse, zsum, lse_wide
 
 
 def launch(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment: int, param: float, clamp: bool,
            need_zsum: bool = True):
-    """Run the forward kernel; returns (lse, zsum) fp32 (B,), zsum 0 unless ``need_zsum``.  Callers pass contiguous
-    fp32 per-row vectors."""
+    """Run the forward kernel; returns (lse, zsum, lse_wide) (B,): lse and zsum fp32, zsum 0 unless ``need_zsum``,
+    lse_wide the same lse in fp64 (the backward's).  Callers pass contiguous fp32 per-row vectors."""
     B, D = x.shape
     C = w.shape[0]
     mode = _config.forward_mode()

@@ -44,21 +44,25 @@ def _empty_batch_grads(D: int, C: int, need_dbias: bool, device):
 
 
 def _backward_args(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum):
-    """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors (g_sum None: 0)."""
+    """The backward launchers' leading arguments: int64 labels, contiguous fp32 per-row vectors (g_sum None: 0),
+    lse in fp64 (the forward's lse_wide; an fp32 lse is taken as it is)."""
     return (x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr), _vec(scale),
-            None if bias is None else bias.contiguous(), _vec(lse), _vec(g_lse), None if g_sum is None else _vec(g_sum))
+            None if bias is None else bias.contiguous(), lse.to(torch.float64).contiguous(), _vec(g_lse),
+            None if g_sum is None else _vec(g_sum))
 
 
 def _neg_forward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: torch.Tensor,
                  labels: torch.Tensor, thr: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  treatment: int, param: float, clamp: bool, need_zsum: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse, zsum) of the negatives contract (see mvloss.negatives), fp32 (B,); zsum is 0 unless ``need_zsum``."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, zsum, lse_wide) of the negatives contract (see mvloss.negatives), (B,): lse and zsum fp32 (zsum 0 unless
+    ``need_zsum``), lse_wide the same lse in fp64, formed from the row's max and sum-exp without rounding it to fp32:
+    the lse the backward takes."""
     x, w = _operands(x, w)
     B = x.shape[0]
     if B == 0:
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return empty, empty.clone()
+        return empty, empty.clone(), torch.empty(0, dtype=torch.float64, device=x.device)
     return _forward.launch(x, w, _vec(x_inv), _vec(w_inv), labels.to(torch.int64).contiguous(), _vec(thr),
                            _vec(scale), None if bias is None else bias.contiguous(), treatment, param, clamp,
                            need_zsum)
@@ -69,7 +73,8 @@ def _neg_backward(x: torch.Tensor, w: torch.Tensor, x_inv: torch.Tensor, w_inv: 
                   lse: torch.Tensor, g_lse: torch.Tensor, g_sum: Optional[torch.Tensor], treatment: int,
                   param: float, clamp: bool, need_dscale: bool, need_dbias: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32; g_sum None is 0."""
+    """(dxhat (B, D), dwhat (C, D), dscale (B,) or (0,), dbias (C,) or (0,)), all fp32; g_sum None is 0; lse: the
+    forward's lse_wide."""
     x, w = _operands(x, w)
     B, D = x.shape
     C = w.shape[0]
@@ -123,7 +128,7 @@ def _fp32(*shape, like: torch.Tensor) -> torch.Tensor:
 
 @triton_neg_forward_opaque.register_fake
 def _(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, need_zsum=True):
-    return _fp32(x.shape[0], like=x), _fp32(x.shape[0], like=x)
+    return _fp32(x.shape[0], like=x), _fp32(x.shape[0], like=x), x.new_empty((x.shape[0],), dtype=torch.float64)
 
 
 @triton_neg_backward_opaque.register_fake
