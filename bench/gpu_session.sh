@@ -6,7 +6,7 @@
 # Triton tests (which need no extension) run; each stage has its own time limit and writes into $OUT as it goes.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
-STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, dwstream, dwfused, profile, hostcalls, fp32seeds
+STAGES="${STAGES:-tests other timings sweep tune bench largest demo}"   # also: subset (a few GPU tests; SUBSET_K), ncu, cudaws, tritonws, dwstream, dwfused, profile, hostcalls, fp32seeds (also the lse rounding and a fuzz run)
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}"
@@ -64,7 +64,7 @@ if has other; then
   # fused dW GEMM (bf16 without the interpreter's upcast), the O(B) kernels' exp / log and the stores' rounding
   MVLOSS_FAILURE_LOG="$OUT/failures.log" timeout "${TARGET_TEST_TIMEOUT:-180}" "${PYTEST[@]}" tests/test_target_loss.py \
     tests/test_mask_free_tiles.py tests/test_optional_logit_sum.py tests/test_dc_alone.py tests/test_triton_opaque_ops.py \
-    tests/test_dw_fused.py tests/test_ieee_math.py \
+    tests/test_dw_fused.py tests/test_ieee_math.py tests/test_lse_precision.py \
     > "$OUT/tests_target_loss.log" 2>&1
   tail -n 4 "$OUT/tests_target_loss.log"
 fi
@@ -215,6 +215,13 @@ if has fp32seeds; then
   timeout "${FP32SEEDS_TIMEOUT:-90}" "$PY" bench/fp32_error_seeds.py --seeds "${FP32SEEDS_N:-12}" \
     --json "$OUT/fp32_error_seeds.json" > "$OUT/fp32_error_seeds.log" 2>&1
   cat "$OUT/fp32_error_seeds.log"
+  # the fp64 lse's effect with the GPU's ex2.approx and contractions (interpreter numbers: NOTES.md, nineteenth
+  # session), then random option combinations against the fp64 reference
+  timeout 60 "$PY" bench/lse_rounding.py --seed 1025 > "$OUT/lse_rounding.log" 2>&1
+  cat "$OUT/lse_rounding.log"
+  timeout "${FUZZ_TIMEOUT:-150}" "$PY" bench/fuzz_backends.py --backends triton chunked --cases "${FUZZ_CASES:-100}" \
+    --seed 0 > "$OUT/fuzz_backends.log" 2>&1
+  tail -n 6 "$OUT/fuzz_backends.log"
 fi
 if has largest; then
   stamp "largest C that fits (B = 1024, D = 512, bf16, MV-Arc)"
