@@ -64,7 +64,7 @@ def dominant_class_errors(args, lse, grad_truth):
 @pytest.mark.parametrize("form", ["gemm", "recompute"])
 def test_dominant_negative_gradient_is_relative_to_the_exact_lse(form, monkeypatch):
     """Each row's dominant class gradient from the backward given the forward's lse_wide: within 2.5e-7 relative of
-    fp64 (given the forward's fp32 lse, as before the nineteenth session: 2.7e-6 to 4.9e-6 on these rows, 4 seeds)."""
+    fp64; given the forward's fp32 lse, as before the nineteenth session, over 4x larger (asserted)."""
     import mvloss.triton.ops  # noqa: F401  (registers the ops)
 
     monkeypatch.setenv("MVLOSS_TRITON_BACKWARD", form)
