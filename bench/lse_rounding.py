@@ -5,7 +5,9 @@
 The negatives contract alone (no margin, no MV mask: thr = +inf) on the case's x, W and labels: per row, the error
 of each backend's forward lse against the fp64 one (in fp32 ulps of the lse), and the relative error of the
 gradient w.r.t. w-hat of the row's dominant negative class, s p x-hat, from each backend's backward given its own
-lse, against fp64; beside them PyTorch's fp32 softmax, which subtracts the row's max before its exp.
+lse, against fp64; beside them PyTorch's fp32 softmax, which subtracts the row's max before its exp, and the lse
+of the fp32 cosines (x W^T in fp32 times the inverse norms, as the kernels form them) summed in fp64: the part of a
+backend's lse error that its cosines' rounding alone brings (NOTES.md, twentieth session).
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     z = args.scale * xn @ (w.double() * fwd[3].double()[:, None]).T
     z[torch.arange(B), y.clamp_min(0)] = torch.where(y >= 0, float("-inf"), z[torch.arange(B), y.clamp_min(0)])
     lse64 = torch.logsumexp(z, 1)
+    z32 = args.scale * ((x @ w.T) * fwd[2][:, None] * fwd[3][None, :]).double()
+    lse_cos32 = torch.logsumexp(torch.where(torch.isinf(z), z, z32), 1)  # the same columns out
     dom = z.argmax(1)
     truth = args.scale * torch.softmax(z, 1).gather(1, dom[:, None]) * xn  # d lse / d w-hat_dom, per row
     g = torch.zeros(B, device=x.device)
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
         p32 = torch.softmax(zf, 0)[dom[i]].double()
         rel = ((args.scale * p32 * xn[i] - truth[i]).norm() / truth[i].norm()).item()
         line.append(f"PyTorch fp32 softmax: {rel:.1e}")
+        line.append(f"fp32 cosines summed exactly: lse {((lse_cos32[i] - lse64[i]) / ulp(lse64[i])).item():+.1f} ulp")
         print("; ".join(line))
     return 0
 
