@@ -77,18 +77,27 @@ def draw_case(seed: int, device: str):
     return x, w, y.to(device), kw, label
 
 
-def check(x, w, y, backend: str, kw: dict, factor: float):
-    """[(quantity, error / allowed)] of one backend on one case (a ratio above 1 breaks the rule)."""
+def check(x, w, y, backend: str, kw: dict, factor: float, detail: bool = False):
+    """[(quantity, error / allowed)] of one backend on one case (a ratio above 1 breaks the rule); with ``detail``
+    [(quantity, ratio, where)]: the row of the worst entry, its row's relative error against fp64 and the
+    reference's on that row."""
     truth = run(x.double(), w.double(), y, "reference", **kw)
     ref = run(x, w, y, "reference", **kw)
     got = run(x, w, y, backend, **kw)
     out = []
     for name, t, r, g in zip(("loss", "dx", "dW"), truth, ref, got):
         if not torch.isfinite(g).all():
-            out.append((name, float("inf")))
+            out.append((name, float("inf"), "non-finite"))
             continue
-        out.append((name, (g - t).abs().max().item() / allowed_error(t, r, x.dtype, factor)))
-    return out
+        err = (g.double() - t).abs()
+        where = ""
+        if t.dim() > 0 and t.numel():
+            row = int(err.reshape(t.shape[0], -1).amax(1).argmax())
+            size = max(t[row].abs().max().item(), 1e-30)
+            where = (f"row {row}: |truth| {size:.3g}, relative error {err[row].max().item() / size:.2e}, "
+                     f"the reference's {(r[row].double() - t[row]).abs().max().item() / size:.2e}")
+        out.append((name, err.max().item() / allowed_error(t, r, x.dtype, factor), where))
+    return out if detail else [o[:2] for o in out]
 
 
 def main(argv=None) -> int:
@@ -106,18 +115,19 @@ def main(argv=None) -> int:
         x, w, y, kw, label = draw_case(args.seed + i, args.device)
         for backend in args.backends:
             try:
-                ratios = check(x, w, y, backend, kw, args.factor)
+                ratios = check(x, w, y, backend, kw, args.factor, detail=True)
             except RuntimeError as e:  # an explicitly named backend that cannot run the call says why
                 if "cannot" not in str(e) and "not support" not in str(e):
                     raise
                 skipped[backend] += 1
                 continue
-            name, ratio = max(ratios, key=lambda t: t[1])
+            name, ratio, where = max(ratios, key=lambda t: t[1])
             if ratio > worst[backend][0]:
                 worst[backend] = (ratio, f"case {args.seed + i}: {name}, {label}")
             if ratio > 1.0:
                 broken[backend] += 1
-                print(f"case {args.seed + i} {backend}: {name} error {ratio:.2f}x allowed ({label})", flush=True)
+                print(f"case {args.seed + i} {backend}: {name} error {ratio:.2f}x allowed ({label}); {where}",
+                      flush=True)
     print(f"{args.cases} cases, seeds {args.seed}..{args.seed + args.cases - 1}, factor {args.factor}")
     for b in args.backends:
         print(f"  {b:8s} broke the rule in {broken[b]}, could not run {skipped[b]}; "
