@@ -20,7 +20,8 @@ FULL_GRID = dict(B=[256, 1024], D=[128, 512], C=[10_000, 100_000, 1_000_000, 10_
                  loss=["normface", "arcface", "mv_arc"], passes=["fwd", "fwd+bwd"])
 CPU_GRID = dict(B=[256], D=[128], C=[10_000, 100_000], dtype=["fp32"], loss=["mv_arc"], passes=["fwd", "fwd+bwd"])
 QUICK_GRID = dict(B=[32], D=[16], C=[500, 2000], dtype=["fp32"], loss=["mv_arc"], passes=["fwd+bwd"])
-CPU_METHODS = ["mvloss:cpu", "mvloss:chunked", "reference", "eager_head", "gemm_floor"]
+CPU_METHODS = ["mvloss:cpu", "mvloss:cpu+compile", "mvloss:chunked", "reference", "reference_compiled", "eager_head",
+               "eager_head_compiled", "gemm_floor"]
 GPU_METHODS = ["mvloss:triton", "mvloss:triton+compile", "mvloss:cuda", "mvloss:chunked", "reference",
                "reference_compiled", "eager_head", "eager_head_compiled", "gemm_floor", "cce", "liger"]
 FIELDS = ["method", "loss", "dtype", "B", "C", "D", "pass", "ms", "steady_ms", "tflops", "floor_ratio",
@@ -187,7 +188,9 @@ def summary_markdown(rows, extra, meta) -> str:
              f", {meta['date']}", "", f"Command: `{meta['command']}`", "",
              "ms: median of steps each timed alone (the GPU idle at its start and waited for at its end); back to "
              "back: per step with ten issued in a row, as a training loop runs them (GPU only; mvloss label check: "
-             f"{meta.get('label_check', 'sync')}, `mvloss.set_label_check`).", "",
+             f"{meta.get('label_check', 'sync')}, `mvloss.set_label_check`). Peak extra MB: the high-water mark of "
+             "a step after a warm-up step (so no compiler memory), beyond inputs and gradients (GPU: allocated "
+             "memory; CPU: resident memory, each case in its own process).", "",
              "| method | loss | dtype | B | C | D | pass | ms | back to back ms | TFLOP/s | × GEMM floor "
              "| peak extra MB | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -202,38 +205,56 @@ def summary_markdown(rows, extra, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_groups(rows) -> list[tuple[str, list[dict]]]:
+    """The panels the plots draw: one per (loss, dtype) at the grid's largest B and D, forward+backward when measured
+    (each panel's rows span C)."""
+    measured = [r for r in rows if r["ms"] is not None and r["pass"] == "fwd+bwd"] or \
+        [r for r in rows if r["ms"] is not None]
+    if not measured:
+        return []
+    B, D = max(r["B"] for r in measured), max(r["D"] for r in measured)
+    at_shape = [r for r in measured if r["B"] == B and r["D"] == D]
+    keys = list(dict.fromkeys((r["loss"], r["dtype"], r["pass"]) for r in at_shape))
+    return [(f"{loss} {dtype} B={B} D={D} {pas}",
+             [r for r in at_shape if (r["loss"], r["dtype"], r["pass"]) == (loss, dtype, pas)])
+            for loss, dtype, pas in keys]
+
+
 def plot(rows, out_dir) -> list[str]:
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    measured = [r for r in rows if r["ms"] is not None and r["pass"] == "fwd+bwd"] or \
-        [r for r in rows if r["ms"] is not None]
-    if not measured:
+    groups = plot_groups(rows)
+    if not groups:
         return written
-    first = measured[0]
-    group = [r for r in measured if all(r[k] == first[k] for k in ("loss", "dtype", "B", "D", "pass"))]
-    title = f"{first['loss']} {first['dtype']} B={first['B']} D={first['D']} {first['pass']}"
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
     for metric, ylabel, fname in (("ms", "time (ms)", "time_vs_C.png"),
                                   ("peak_extra_mb", "peak extra memory (MB)", "memory_vs_C.png"),
                                   ("tflops", "TFLOP/s", "tflops_vs_C.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in sorted({r["method"] for r in group}):
-            pts = sorted((r["C"], r[metric]) for r in group if r["method"] == method and r[metric] is not None)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set_xscale("log")
-        if metric == "ms":
-            ax.set_yscale("log")
-        ax.set_xlabel("classes C")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(groups):]:
+            ax.set_visible(False)
+        for ax, (title, group) in zip(axes.flat, groups):
+            for method in sorted({r["method"] for r in group}):
+                pts = sorted((r["C"], r[metric]) for r in group if r["method"] == method and r[metric] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set_xscale("log")
+            if metric == "ms":
+                ax.set_yscale("log")
+            ax.set_xlabel("classes C")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
