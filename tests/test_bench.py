@@ -309,3 +309,19 @@ def test_lse_rounding_script(capsys):
     # dominant cosine's rounding; a GPU's product sums in another order)
     cos_ulps = float(re.search(r"fp32 cosines summed exactly: lse ([0-9.+-]+) ulp", rows[0]).group(1))
     assert abs(cos_ulps) < 10.0 and (torch.cuda.is_available() or abs(cos_ulps) > 1.0), rows[0]
+
+
+def test_chunked_blocks_script(capsys, monkeypatch):
+    """bench/chunked_blocks.py: a table row per shape and block size, each block size reaching the case's process
+    (at B 32, C 4000: one chunk with 128k-element blocks, 32 chunks of 125 classes with 4000-element ones)."""
+    import importlib.util as iu
+
+    monkeypatch.setenv("MVLOSS_CHUNK_ELEMS", "262144")  # the script sets it per case; undone after the test
+    spec = iu.spec_from_file_location("chunked_blocks", bench_script("chunked_blocks.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "mv_arc:fp32:32:4000:16", "--blocks", "4000", "131072", "--budget", "0.01"]) == 0
+    rows = [ln.split("|")[1:-1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mv_arc")]
+    assert [r[5].strip() for r in rows] == ["4000", "131072"]
+    for r in rows:
+        assert all(float(v) > 0 for v in (r[6], r[8])), r  # times; memory may round to 0 at this size

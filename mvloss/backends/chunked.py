@@ -12,14 +12,25 @@ import torch
 from ..negatives import apply_treatment, compute_dtype, treatment_derivative
 
 name = "chunked"
-# Elements of one B x chunk block (fp32): 4M elements = 16 MB of workspace per temporary.
-WORKSPACE_ELEMS = int(os.environ.get("MVLOSS_CHUNK_ELEMS", 4 * 1024 * 1024))
+# Elements of one B x chunk block.  A GPU step is bound by its launches: 4M elements (16 MB fp32 per temporary).  A
+# CPU step is not: 256k-element blocks stay in cache, as fast or up to 25% faster, a step 6-14x less memory
+# (bench/chunked_blocks.py; README, "On the CPU").  MVLOSS_CHUNK_ELEMS sets both.
+GPU_WORKSPACE_ELEMS = 4 * 1024 * 1024
+CPU_WORKSPACE_ELEMS = 256 * 1024
 
 
-def chunk_size_for(batch: int, num_classes: int, chunk_size: int | None = None) -> int:
+def workspace_elems(device: torch.device) -> int:
+    env = os.environ.get("MVLOSS_CHUNK_ELEMS")
+    if env is not None:
+        return int(env)
+    return GPU_WORKSPACE_ELEMS if device.type != "cpu" else CPU_WORKSPACE_ELEMS
+
+
+def chunk_size_for(batch: int, num_classes: int, chunk_size: int | None = None,
+                   device: torch.device = torch.device("cpu")) -> int:
     if chunk_size is not None:
         return max(1, min(int(chunk_size), num_classes))
-    return max(1, min(num_classes, WORKSPACE_ELEMS // max(batch, 1)))
+    return max(1, min(num_classes, workspace_elems(device) // max(batch, 1)))
 
 
 def _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias, treatment, param, clamp):
@@ -44,7 +55,7 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
     run_max = torch.full((B,), float("-inf"), dtype=dt, device=x.device)
     run_sum = torch.zeros(B, dtype=dt, device=x.device)
     zsum = torch.zeros(B, dtype=dt, device=x.device)
-    step = chunk_size_for(B, C, chunk_size)
+    step = chunk_size_for(B, C, chunk_size, x.device)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         _, _, _, _, _, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
@@ -72,7 +83,7 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     dwhat = torch.empty(C, x.shape[1], dtype=dt, device=x.device)
     dscale = torch.zeros(B, dtype=dt, device=x.device) if need_dscale else None
     dbias = torch.empty(C, dtype=dt, device=x.device) if need_dbias else None
-    step = chunk_size_for(B, C, chunk_size)
+    step = chunk_size_for(B, C, chunk_size, x.device)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         what, raw, c, hard, u, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
