@@ -20,14 +20,11 @@ CPU_WORKSPACE_ELEMS = 256 * 1024
 
 
 def workspace_elems(device: torch.device) -> int:
-    env = os.environ.get("MVLOSS_CHUNK_ELEMS")
-    if env is not None:
-        return int(env)
-    return GPU_WORKSPACE_ELEMS if device.type != "cpu" else CPU_WORKSPACE_ELEMS
+    default = CPU_WORKSPACE_ELEMS if device.type == "cpu" else GPU_WORKSPACE_ELEMS
+    return int(os.environ.get("MVLOSS_CHUNK_ELEMS", default))
 
 
-def chunk_size_for(batch: int, num_classes: int, chunk_size: int | None = None,
-                   device: torch.device = torch.device("cpu")) -> int:
+def chunk_size_for(batch: int, num_classes: int, chunk_size: int | None = None, *, device: torch.device) -> int:
     if chunk_size is not None:
         return max(1, min(int(chunk_size), num_classes))
     return max(1, min(num_classes, workspace_elems(device) // max(batch, 1)))
@@ -55,7 +52,7 @@ def forward(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clam
     run_max = torch.full((B,), float("-inf"), dtype=dt, device=x.device)
     run_sum = torch.zeros(B, dtype=dt, device=x.device)
     zsum = torch.zeros(B, dtype=dt, device=x.device)
-    step = chunk_size_for(B, C, chunk_size, x.device)
+    step = chunk_size_for(B, C, chunk_size, device=x.device)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         _, _, _, _, _, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
@@ -83,7 +80,7 @@ def backward(x, w, x_inv, w_inv, labels, thr, scale, bias, lse, g_lse, g_sum, tr
     dwhat = torch.empty(C, x.shape[1], dtype=dt, device=x.device)
     dscale = torch.zeros(B, dtype=dt, device=x.device) if need_dscale else None
     dbias = torch.empty(C, dtype=dt, device=x.device) if need_dbias else None
-    step = chunk_size_for(B, C, chunk_size, x.device)
+    step = chunk_size_for(B, C, chunk_size, device=x.device)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         what, raw, c, hard, u, z, is_target = _chunk_logits(xhat, w, w_inv, c0, c1, labels, thr, scale, bias,
