@@ -301,21 +301,12 @@ def plot_sphere(points: dict, path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- scale step
-def _current_rss() -> int:
-    """Resident set size now, in bytes (Linux /proc; elsewhere the high-water mark so far)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        import resource
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def _scale_child(backend: str, num_classes: int, dim: int, batch: int, steps: int, device: str,
                  threads=None) -> dict:
-    """Runs in a fresh process: a linear embedding + head on a synthetic identity set, a few SGD steps."""
-    import resource
+    """Runs in a fresh process: a linear embedding + head on a synthetic identity set, a few SGD steps.  Peak extra
+    memory: the high-water mark over the steps after a warm-up step, above what the warm-up left allocated (weights,
+    gradients, momentum), the benchmark's measure (mvloss.bench.runner)."""
+    from .bench.runner import peak_mb, peak_start
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -353,31 +344,21 @@ def _scale_child(backend: str, num_classes: int, dim: int, batch: int, steps: in
     out = {"backend": backend, "resolved": select(backend, spec).name, "device": str(dev),
            "threads": torch.get_num_threads()}
     try:
-        # zero grads exist after set_to_none=False: allocate them up front so the baseline includes them
-        for p in list(embedder.parameters()) + list(head.parameters()):
-            p.grad = torch.zeros_like(p)
-        opt.step()  # allocates momentum buffers (a zero step)
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-        else:
-            base = _current_rss()
         losses, times = [], []
-        for _ in range(steps + 1):  # the first is a warm-up
+
+        def timed_step():
             sync()
             t0 = time.perf_counter()
             losses.append(one_step())
             sync()
             times.append(time.perf_counter() - t0)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(dev) - base
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base
+
+        timed_step()  # warm-up: allocates gradients and momentum, pays first-call costs
+        base = peak_start(dev)
+        for _ in range(steps):
+            timed_step()
         out.update(ok=True, ms_per_step=1000 * float(np.median(times[1:])), best_ms=1000 * float(min(times[1:])),
-                   peak_extra_mb=peak / 2 ** 20,
-                   losses=losses, warmup_ms=1000 * times[0])
+                   peak_extra_mb=peak_mb(dev, base), losses=losses, warmup_ms=1000 * times[0])
     except (torch.OutOfMemoryError, MemoryError) as exc:
         out.update(ok=False, error=f"out of memory: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     except RuntimeError as exc:
