@@ -23,6 +23,12 @@ DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "cpu_backend.json")
 BACKENDS = ("reference", "chunked", "cpu")
 
 
+def cpu_kernels():
+    from mvloss.backends import cpp
+
+    return cpp.cpu_kernels()
+
+
 def worker(args) -> dict:
     import torch
 
@@ -156,14 +162,15 @@ def main() -> None:
             "dtype": args.dtype, "loss": "MV-Arc: m2=0.5, mv=adaptive, t=0.2, scale=32",
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MVLOSS_CPU_ISA")
-                    if k in os.environ}}
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MVLOSS_CPU_ISA",
+                                               "MVLOSS_CPU_BF16_GEMM") if k in os.environ},
+            "cpu_backend": cpu_kernels()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "summary": summary, "results": results}, fh, indent=2)
     lines = ["# CPU backend benchmark", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['threads']} torch threads), "
-             f"torch {meta['torch']}  ",
+             f"torch {meta['torch']}; mvloss cpu backend: {meta['cpu_backend']}  ",
              f"Shape: B={args.batch}, D={args.dim}, C={args.classes}, {args.dtype}; {meta['loss']}; "
              f"forward+backward, median of {args.iters} steps; {meta['date_utc']} UTC", "",
              "| backend | fwd+bwd ms (median) | min ms | extra peak RSS MB, whole step | "

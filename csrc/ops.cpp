@@ -31,7 +31,8 @@ TORCH_LIBRARY(mvloss, m) {
 #ifndef MVLOSS_NO_PYTHON_MODULE
 namespace mvloss {
 namespace cpu {
-std::string cpu_isa();  // csrc/cpu/negatives_cpu.cpp
+std::string cpu_isa();        // csrc/cpu/negatives_cpu.cpp
+std::string cpu_bf16_gemm();  // csrc/cpu/bf16_gemm.cpp
 }  // namespace cpu
 }  // namespace mvloss
 
@@ -40,6 +41,11 @@ namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) {
   const std::string isa = mvloss::cpu::cpu_isa();
   return PyUnicode_FromString(isa.c_str());
+}
+
+PyObject* cpu_bf16_gemm(PyObject*, PyObject*) {
+  const std::string mode = mvloss::cpu::cpu_bf16_gemm();
+  return PyUnicode_FromString(mode.c_str());
 }
 
 PyObject* built_with_cuda(PyObject*, PyObject*) {
@@ -53,6 +59,9 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU epilogue kernels in use (MVLOSS_CPU_ISA caps it)."},
+    {"cpu_bf16_gemm", cpu_bf16_gemm, METH_NOARGS,
+     "How the CPU backend multiplies bf16 operands: packed, unpacked (brgemm micro-kernel) or upcast (fp32 GEMMs); "
+     "MVLOSS_CPU_BF16_GEMM sets it."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mvloss C++/CUDA backends (ops under torch.ops.mvloss)", -1,

@@ -27,6 +27,10 @@ def info() -> int:
     for b in mvloss.backends():
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
         print(f"  {b['name']:<10} {state}")
+    from .backends import cpp
+
+    if cpp.cpu_kernels() is not None:
+        print(f"cpu backend: {cpp.cpu_kernels()}")
     from .triton import _config
 
     try:

@@ -89,7 +89,25 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# Elements per block of rows when inverse_norms upcasts on a CPU (1 MB of fp32).
+NORM_BLOCK_ELEMS = 256 * 1024
+
+
 def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / max(||t_row||, eps) in the compute dtype, the convention of F.normalize."""
-    # dtype= accumulates in the compute dtype without an upcast copy of t (a C x D fp32 copy of a bf16 W otherwise)
-    return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=compute_dtype(t)).clamp_min(eps)
+    acc = compute_dtype(t)
+    # dtype= accumulates in the compute dtype without an upcast copy of t on a GPU (and under torch.compile); on a CPU
+    # ATen copies t to fp32 first, so rows go through one reused 1 MB block: no C x D fp32 copy of a bf16 W, and ~6x
+    # faster at 100k x 128 (the copies stay in cache)
+    blocked = (t.device.type == "cpu" and t.dtype != acc and t.dim() == 2 and not torch.compiler.is_compiling()
+               and not (t.requires_grad and torch.is_grad_enabled()))
+    rows = max(1, NORM_BLOCK_ELEMS // max(t.shape[-1], 1))
+    if blocked and t.shape[0] > rows:
+        norms = torch.empty(t.shape[0], dtype=acc)
+        block = torch.empty(rows, t.shape[1], dtype=acc)
+        for r in range(0, t.shape[0], rows):
+            part = block[:min(rows, t.shape[0] - r)]
+            part.copy_(t[r:r + part.shape[0]])
+            torch.linalg.vector_norm(part, dim=1, out=norms[r:r + part.shape[0]])
+        return 1.0 / norms.clamp_min(eps)
+    return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=acc).clamp_min(eps)

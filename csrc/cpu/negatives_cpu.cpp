@@ -13,6 +13,7 @@
 
 #include "mvloss/driver.h"
 #include "mvloss/epilogue.h"
+#include "bf16_gemm.h"
 #include "rows_api.h"
 
 namespace mvloss {
@@ -79,25 +80,50 @@ void backward_chunk_t(const ChunkArgs& a, const BackwardRowArgs& r, at::Tensor& 
   at::parallel_for(0, a.raw.size(0), row_grain(a.n), [&](int64_t r0, int64_t r1) { fn(c, r0, r1); });
 }
 
-// Rows per GEMM block: keeps a block of the cosine chunk (about 4 MB) close between its GEMM and its epilogue.
-int64_t row_block(int64_t n) {
-  return std::max<int64_t>(1, env_int("MVLOSS_CPU_BLOCK_ELEMS", 1024 * 1024) / std::max<int64_t>(n, 1));
+// Rows per GEMM block: keeps a block of the cosine chunk (about 4 MB) close between its GEMM and its epilogue, and
+// no more than an even share of the rows, so every thread gets a block (one block would run on one thread alone).
+int64_t row_block(int64_t n, int64_t rows) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_size = env_int("MVLOSS_CPU_BLOCK_ELEMS", 1024 * 1024) / std::max<int64_t>(n, 1);
+  return std::max<int64_t>(1, std::min(by_size, (rows + threads - 1) / threads));
 }
+
+// The cosine GEMM of a block of rows, raw[b0:b1] = xhat[b0:b1] @ wc^T: ATen's mm in the acc dtype, or bf16 operands
+// on the brgemm micro-kernel (bf16_gemm.h) with wc^T packed once per chunk.
+class CosineGemm {
+ public:
+  CosineGemm(const at::Tensor& xhat, const at::Tensor& wc) : xhat_(xhat), wt_(wc.t()) {
+    if (xhat.scalar_type() == at::kBFloat16) packed_.emplace(wt_);
+  }
+  void operator()(at::Tensor& raw, int64_t b0, int64_t b1) const {
+    at::Tensor out = raw.narrow(0, b0, b1 - b0);
+    if (packed_) {
+      packed_->gemm(b1 - b0, xhat_.data_ptr<at::BFloat16>() + b0 * xhat_.size(1), xhat_.size(1),
+                    out.data_ptr<float>(), raw.size(1), false);
+    } else {
+      at::mm_out(out, xhat_.narrow(0, b0, b1 - b0), wt_);
+    }
+  }
+
+ private:
+  at::Tensor xhat_, wt_;
+  c10::optional<PackedB> packed_;
+};
 
 // One parallel region per chunk: each thread runs the cosine GEMM of its block of rows into the workspace (ATen
 // GEMMs inside a parallel region run single-threaded) and, while the block is warm in cache, ``body(b0, b1)``.
 template <typename Body>
 void for_each_row_block(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a, const Body& body) {
-  const int64_t rb = row_block(a.n);
-  const at::Tensor wt = wc.t();
+  const int64_t rb = row_block(a.n, a.raw.size(0));
+  const CosineGemm cosine(xhat, wc);
+  at::Tensor raw = a.raw;
   // ATen calls on the pool's threads must see this thread's dispatch state (below autograd, modes, grad mode)
   const at::ThreadLocalState state;
   at::parallel_for(0, a.raw.size(0), rb, [&](int64_t r0, int64_t r1) {
     at::ThreadLocalStateGuard guard(state);
     for (int64_t b0 = r0; b0 < r1; b0 += rb) {
       const int64_t b1 = std::min(r1, b0 + rb);
-      at::Tensor out = a.raw.narrow(0, b0, b1 - b0);
-      at::mm_out(out, xhat.narrow(0, b0, b1 - b0), wt);
+      cosine(raw, b0, b1);
       body(b0, b1);
     }
   });
@@ -112,18 +138,44 @@ void forward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const Ch
   for_each_row_block(xhat, wc, a, [&](int64_t b0, int64_t b1) { fn(c, b0, b1); });
 }
 
+// With bf16 GEMM operands (xhat, wc, dcw and dct bf16): the epilogue writes dc * w_inv in fp32 over raw, which each
+// block then rounds into dcw (for its dxhat GEMM, wc packed once per chunk) and into dct = dcw^T (for the chunk's
+// dwhat GEMM), as the CUDA backend's bf16 GEMMs round it.
 template <typename T>
 void backward_chunk_gemm_t(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a,
-                           const BackwardRowArgs& r, at::Tensor& dcw, at::Tensor& dz, at::Tensor& ds,
+                           const BackwardRowArgs& r, at::Tensor& dcw, at::Tensor& dct, at::Tensor& dz, at::Tensor& ds,
                            at::Tensor& dxhat, void (*fn)(const BwdChunk<T>&, int64_t, int64_t)) {
-  BwdChunk<T> c{a.raw.data_ptr<T>(), dcw.data_ptr<T>(), ptr_or_null<T>(dz), ptr_or_null<T>(ds), a.w_inv.data_ptr<T>(),
+  const bool bf16 = dcw.scalar_type() == at::kBFloat16;
+  T* dc_acc = bf16 ? a.raw.data_ptr<T>() : dcw.data_ptr<T>();
+  BwdChunk<T> c{a.raw.data_ptr<T>(), dc_acc, ptr_or_null<T>(dz), ptr_or_null<T>(ds), a.w_inv.data_ptr<T>(),
                 ptr_or_null<T>(a.bias), a.labels.data_ptr<int64_t>(), a.thr.data_ptr<T>(), a.scale.data_ptr<T>(),
                 r.lse.data_ptr<T>(), r.g_lse.data_ptr<T>(), r.g_sum.data_ptr<T>(), ptr_or_null<T>(r.g_cos),
                 static_cast<T>(a.param), a.n, a.c0, a.treatment, a.clamp};
+  c10::optional<PackedB> w_packed;
+  if (bf16) w_packed.emplace(wc);
   for_each_row_block(xhat, wc, a, [&](int64_t b0, int64_t b1) {
     fn(c, b0, b1);
-    dxhat.narrow(0, b0, b1 - b0).addmm_(dcw.narrow(0, b0, b1 - b0), wc);
+    if (bf16) {
+      at::Tensor rows = dcw.narrow(0, b0, b1 - b0);
+      rows.copy_(a.raw.narrow(0, b0, b1 - b0));
+      const at::BFloat16* dc_rows = rows.data_ptr<at::BFloat16>();
+      transpose_bf16(dc_rows, b1 - b0, a.n, a.n, dct.data_ptr<at::BFloat16>() + b0, dct.size(1));
+      w_packed->gemm(b1 - b0, dc_rows, a.n, dxhat.data_ptr<float>() + b0 * dxhat.size(1), dxhat.size(1), true);
+    } else {
+      dxhat.narrow(0, b0, b1 - b0).addmm_(dcw.narrow(0, b0, b1 - b0), wc);
+    }
   });
+}
+
+// dwhat rows of a chunk: dw_rows = dcw^T @ xhat (bf16 operands: dct on the micro-kernel, xhat packed).
+void weight_grad_gemm_cpu(const at::Tensor& dcw, const at::Tensor& dct, const at::Tensor& xhat, at::Tensor& dw_rows) {
+  if (dcw.scalar_type() != at::kBFloat16) {
+    at::mm_out(dw_rows, dcw.t(), xhat);
+    return;
+  }
+  const PackedB x_packed(xhat);
+  x_packed.gemm_parallel(dct.size(0), dct.data_ptr<at::BFloat16>(), dct.size(1), dw_rows.data_ptr<float>(),
+                         dw_rows.size(1), false);
 }
 
 // A class chunk's weight rows through the normalisation backward (epilogue.h): v = w_inv * dwhat (n x D, acc),
@@ -164,7 +216,14 @@ struct CpuEpilogue {
     const char* v = std::getenv("MVLOSS_CPU_ROW_BLOCK_GEMM");
     return v == nullptr || std::string(v) != "0";
   }
-  static bool gemm_in_16bit(at::ScalarType) { return false; }  // upcast chunks: fp32 GEMMs are exact on CPU
+  // bf16 operands on the brgemm micro-kernel where this CPU packs them (bf16_gemm.h); otherwise chunks are upcast
+  static bool gemm_in_16bit(at::ScalarType st) {
+    return st == at::kBFloat16 && row_block_gemm() && bf16_gemm_enabled();
+  }
+  static void weight_grad_gemm(const at::Tensor& dcw, const at::Tensor& dct, const at::Tensor& xhat,
+                               at::Tensor& dw_rows) {
+    weight_grad_gemm_cpu(dcw, dct, xhat, dw_rows);
+  }
   static void forward_chunk_gemm(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a, at::Tensor& m,
                                  at::Tensor& s, at::Tensor& z) {
     if (a.raw.scalar_type() == at::kDouble) {
@@ -174,12 +233,12 @@ struct CpuEpilogue {
     }
   }
   static void backward_chunk_gemm(const at::Tensor& xhat, const at::Tensor& wc, const ChunkArgs& a,
-                                  const BackwardRowArgs& r, at::Tensor& dcw, at::Tensor& dz, at::Tensor& ds,
-                                  at::Tensor& dxhat) {
+                                  const BackwardRowArgs& r, at::Tensor& dcw, at::Tensor& dct, at::Tensor& dz,
+                                  at::Tensor& ds, at::Tensor& dxhat) {
     if (a.raw.scalar_type() == at::kDouble) {
-      backward_chunk_gemm_t<double>(xhat, wc, a, r, dcw, dz, ds, dxhat, kernels().bwd_d);
+      backward_chunk_gemm_t<double>(xhat, wc, a, r, dcw, dct, dz, ds, dxhat, kernels().bwd_d);
     } else {
-      backward_chunk_gemm_t<float>(xhat, wc, a, r, dcw, dz, ds, dxhat, kernels().bwd_f);
+      backward_chunk_gemm_t<float>(xhat, wc, a, r, dcw, dct, dz, ds, dxhat, kernels().bwd_f);
     }
   }
   static int64_t workspace_elems() { return env_int("MVLOSS_CPU_WORKSPACE_ELEMS", 2 * 1024 * 1024); }

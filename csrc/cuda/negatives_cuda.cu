@@ -248,7 +248,8 @@ struct CudaEpilogue {
   static void forward_chunk_gemm(const at::Tensor&, const at::Tensor&, const ChunkArgs&, at::Tensor&, at::Tensor&,
                                  at::Tensor&) {}
   static void backward_chunk_gemm(const at::Tensor&, const at::Tensor&, const ChunkArgs&, const BackwardRowArgs&,
-                                  at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {}
+                                  at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {}
+  static void weight_grad_gemm(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&) {}
   // bf16 GEMMs on the tensor cores with an fp32 result (cuBLAS through at::mm with out_dtype).  fp16 inputs are
   // upcast per chunk instead: dc * w_inv can exceed fp16's range when a weight row is tiny.
   // MVLOSS_CUDA_FP32_GEMM=1 upcasts bf16 too.

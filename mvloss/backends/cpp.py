@@ -29,6 +29,15 @@ def built_with_cuda() -> bool:
     return _C is not None and bool(_C.built_with_cuda())
 
 
+def cpu_kernels() -> Optional[str]:
+    """The CPU backend's kernels on this machine, e.g. "epilogue avx512, bf16 GEMMs packed" (None without the
+    extension).  bf16 GEMMs: packed / unpacked (oneDNN's brgemm micro-kernel) or upcast (fp32 GEMMs on upcast chunks);
+    MVLOSS_CPU_ISA and MVLOSS_CPU_BF16_GEMM set them."""
+    if _C is None:
+        return None
+    return f"epilogue {_C.cpu_isa()}, bf16 GEMMs {_C.cpu_bf16_gemm()}"
+
+
 if _C is not None:
     @torch.library.register_fake("mvloss::neg_forward")
     def _neg_forward_fake(x, w, x_inv, w_inv, labels, thr, scale, bias, treatment, param, clamp, chunk=0):

@@ -167,6 +167,9 @@ def write_results(rows, extra, out_dir, device_label, command):
         meta["triton"] = triton.__version__
     except Exception:
         pass
+    from ..backends import cpp
+    if cpp.cpu_kernels() is not None:
+        meta["cpu_backend"] = cpp.cpu_kernels()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows, largest_c=extra), f, indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
@@ -185,7 +188,8 @@ def _fmt(value, spec):
 def summary_markdown(rows, extra, meta) -> str:
     lines = [f"# mvloss benchmark on {meta['device']}", "",
              f"torch {meta['torch']}" + (f", triton {meta['triton']}" if "triton" in meta else "") +
-             f", {meta['date']}", "", f"Command: `{meta['command']}`", "",
+             f", {meta['date']}" + (f"; mvloss cpu backend: {meta['cpu_backend']}" if "cpu_backend" in meta else ""),
+             "", f"Command: `{meta['command']}`", "",
              "ms: median of steps each timed alone (the GPU idle at its start and waited for at its end); back to "
              "back: per step with ten issued in a row, as a training loop runs them (GPU only; mvloss label check: "
              f"{meta.get('label_check', 'sync')}, `mvloss.set_label_check`). Peak extra MB: the high-water mark of "

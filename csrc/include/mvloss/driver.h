@@ -6,7 +6,9 @@
 // Nothing of size B x C is allocated.  Epi supplies:
 //   static bool gemm_in_16bit(at::ScalarType)            // GEMM directly in fp16/bf16 with an fp32 result?
 //   static bool row_block_gemm()                         // true: forward_chunk_gemm / backward_chunk_gemm run the
-//                                                        //   cosine (and dxhat) GEMMs themselves, per row block
+//                                                        //   cosine (and dxhat) GEMMs themselves, per row block,
+//                                                        //   and weight_grad_gemm(dcw, dct, xhat, dw_rows) the
+//                                                        //   dwhat one (dct: dcw transposed, 16-bit GEMMs only)
 //   static void forward_chunk(const ChunkArgs&, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& zsum)
 //   static void backward_chunk(const ChunkArgs&, const BackwardRowArgs&, at::Tensor& dcw, at::Tensor& dz,
 //                              at::Tensor& dscale)
@@ -277,6 +279,8 @@ struct Driver {
     at::Tensor ws = at::empty({p.B * p.n}, vec);
     // dc * w_inv_k: written in place over raw when the GEMMs run in the acc dtype, else in its own buffer.
     at::Tensor dc_buf = p.gemm == p.acc ? ws : at::empty({p.B * p.n}, vec.dtype(p.gemm));
+    // and, for a row-block epilogue's 16-bit GEMMs, dcw transposed (n x B): the dwhat GEMM's row-major operand
+    at::Tensor dct_buf = p.gemm != p.acc && Epi::row_block_gemm() ? at::empty_like(dc_buf) : at::Tensor();
     at::Tensor dz_buf = need_dbias ? at::empty({p.B * p.n}, vec) : at::Tensor();
     at::Tensor dx_tmp = p.gemm == p.acc ? at::Tensor() : at::empty({p.B, p.D}, vec);
     // dwhat_k = (sum_i dc_ik w_inv_k xhat_i) / w_inv_k; the fused finish takes w_inv_k dwhat_k as it is
@@ -293,8 +297,9 @@ struct Driver {
                                       : dwhat.narrow(0, 0, n);
       ChunkArgs a = chunk_args(p, raw, c0, n, treatment, param, clamp);
       if (Epi::row_block_gemm()) {  // cosine GEMM, epilogue and dxhat GEMM per block of rows
-        Epi::backward_chunk_gemm(p.xhat, wc, a, rows, dcw, dz, dscale, dxhat);
-        at::mm_out(dw_rows, dcw.t(), p.xhat);
+        at::Tensor dct = dct_buf.defined() ? view2d(dct_buf, n, p.B) : at::Tensor();
+        Epi::backward_chunk_gemm(p.xhat, wc, a, rows, dcw, dct, dz, dscale, dxhat);
+        Epi::weight_grad_gemm(dcw, dct, p.xhat, dw_rows);
       } else {
         cosine_gemm(p, wc, raw);
         Epi::backward_chunk(a, rows, dcw, dz, dscale);
