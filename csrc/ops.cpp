@@ -44,8 +44,13 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
 }
 
 PyObject* cpu_bf16_gemm(PyObject*, PyObject*) {
-  const std::string mode = mvloss::cpu::cpu_bf16_gemm();
-  return PyUnicode_FromString(mode.c_str());
+  try {  // a misspelt MVLOSS_CPU_BF16_GEMM throws: a Python RuntimeError, not a terminate
+    const std::string mode = mvloss::cpu::cpu_bf16_gemm();
+    return PyUnicode_FromString(mode.c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 PyObject* built_with_cuda(PyObject*, PyObject*) {

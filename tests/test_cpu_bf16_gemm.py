@@ -33,6 +33,19 @@ def test_mode_is_reported(mode, monkeypatch):
     assert kernels.split("bf16 GEMMs ")[1] in want, kernels
 
 
+@pytest.mark.parametrize("bad", ["false", "yes", "packed"])
+def test_misspelt_mode_is_an_error(bad, monkeypatch):
+    """An unknown MVLOSS_CPU_BF16_GEMM is a clear error before any GEMM, not a silent default ("false" is not 0)."""
+    from mvloss import functional as F
+    from mvloss.backends import cpp
+
+    monkeypatch.setenv("MVLOSS_CPU_BF16_GEMM", bad)
+    x, w, y = _inputs()
+    with pytest.raises(RuntimeError, match="MVLOSS_CPU_BF16_GEMM must be 0, 1 or unpacked"):
+        F.margin_softmax_loss(x, w, y, backend="cpu", m2=0.5)
+    assert "error" in cpp.cpu_kernels()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", ["arcface", "mv_arc_adaptive", "facexzoo_mv_am", "curricular", "label_smoothing",
                                     "unnormalized_x"])

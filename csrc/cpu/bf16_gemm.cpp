@@ -15,9 +15,13 @@ namespace cpublas = at::native::cpublas;
 
 constexpr int64_t kBlockM = 64;  // rows of A per micro-kernel call
 
+// MVLOSS_CPU_BF16_GEMM: "" (unset), "0", "1" or "unpacked"; anything else is an error, not a silent default.
 std::string bf16_gemm_setting() {
   const char* v = std::getenv("MVLOSS_CPU_BF16_GEMM");
-  return v != nullptr ? v : "";
+  const std::string setting = v != nullptr ? v : "";
+  TORCH_CHECK(setting.empty() || setting == "0" || setting == "1" || setting == "unpacked",
+              "mvloss: MVLOSS_CPU_BF16_GEMM must be 0, 1 or unpacked (or unset), got '", setting, "'");
+  return setting;
 }
 
 bool cpu_packs_bf16() {

@@ -35,7 +35,11 @@ def cpu_kernels() -> Optional[str]:
     MVLOSS_CPU_ISA and MVLOSS_CPU_BF16_GEMM set them."""
     if _C is None:
         return None
-    return f"epilogue {_C.cpu_isa()}, bf16 GEMMs {_C.cpu_bf16_gemm()}"
+    try:
+        bf16 = _C.cpu_bf16_gemm()
+    except RuntimeError as exc:  # a misspelt MVLOSS_CPU_BF16_GEMM: say so instead
+        bf16 = f"(error: {exc})"
+    return f"epilogue {_C.cpu_isa()}, bf16 GEMMs {bf16}"
 
 
 if _C is not None:
