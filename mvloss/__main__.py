@@ -29,8 +29,9 @@ def info() -> int:
         print(f"  {b['name']:<10} {state}")
     from .backends import cpp
 
-    if cpp.cpu_kernels() is not None:
-        print(f"cpu backend: {cpp.cpu_kernels()}")
+    cpu_kernels = cpp.cpu_kernels()
+    if cpu_kernels is not None:
+        print(f"cpu backend: {cpu_kernels}")
     from .triton import _config
 
     try:

@@ -127,7 +127,7 @@ PackedB::PackedB(const at::Tensor& b)
     });
     return;
   }
-  const at::Tensor contiguous = b.contiguous();
+  const at::Tensor contiguous = rows_.contiguous();  // rows_ already is, unless b is row-major but strided
   const at::BFloat16* src = contiguous.data_ptr<at::BFloat16>();
   at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
     at::Tensor pad;  // a last block narrower than kBlockN, zero-padded: the packer takes whole blocks only

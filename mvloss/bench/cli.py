@@ -168,8 +168,9 @@ def write_results(rows, extra, out_dir, device_label, command):
     except Exception:
         pass
     from ..backends import cpp
-    if cpp.cpu_kernels() is not None:
-        meta["cpu_backend"] = cpp.cpu_kernels()
+    cpu_kernels = cpp.cpu_kernels()
+    if cpu_kernels is not None:
+        meta["cpu_backend"] = cpu_kernels
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows, largest_c=extra), f, indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
