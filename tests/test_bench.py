@@ -281,8 +281,11 @@ def test_fuzz_backends_script(capsys):
     out = capsys.readouterr().out
     for backend in ("triton", "chunked", "cpu"):
         assert f"  {backend:8s} broke the rule in 0, could not run 0; worst " in out
-    if os.environ.get("TRITON_INTERPRET") == "1":  # as measured under the interpreter
-        assert mod.main(["--backends", "triton", "--cases", "1", "--seed", "1025"]) == 1
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # under the interpreter the kernels' dots run on numpy's BLAS, so how far case 1025 lands from the rule
+        # depends on the CPU: 1.77x allowed on the AVX-512 Xeon, 0.69x on an AVX2 EPYC (2026-11-29); at factor 0.25
+        # it breaks on both (1.61x on the EPYC), which is what this checks: the report of a broken case
+        assert mod.main(["--backends", "triton", "--cases", "1", "--seed", "1025", "--factor", "0.25"]) == 1
         line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("case 1025 triton: dW error"))
         # the worst entry's row (the zero weight row, 9) with its relative error and the reference's
         assert "; row 9: |truth| 22.9, relative error " in line and ", the reference's " in line, line
@@ -305,10 +308,11 @@ def test_lse_rounding_script(capsys):
     errors = [float(v) for v in re.findall(r"(?:gradient|softmax:) ([0-9.e+-]+)", rows[0])]
     assert "triton: lse" in rows[0] and "chunked: lse" in rows[0] and len(errors) == 3
     assert all(0 <= e < 1e-5 for e in errors) and errors[0] < 2.5e-7, rows[0]
-    # the lse of the row's fp32 cosines summed exactly: 3 ulp off fp64 on this row with the CPU's product (its
-    # dominant cosine's rounding; a GPU's product sums in another order)
+    # the lse of the row's fp32 cosines summed exactly: within a few ulp of fp64, as rounded by this machine's product
+    # (its dominant cosine's rounding: 3 ulp with the AVX-512 Xeon's MKL, 0 with an AVX2 EPYC's; a GPU sums in
+    # another order)
     cos_ulps = float(re.search(r"fp32 cosines summed exactly: lse ([0-9.+-]+) ulp", rows[0]).group(1))
-    assert abs(cos_ulps) < 10.0 and (torch.cuda.is_available() or abs(cos_ulps) > 1.0), rows[0]
+    assert abs(cos_ulps) < 10.0, rows[0]
 
 
 def test_chunked_blocks_script(capsys, monkeypatch):
