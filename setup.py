@@ -89,6 +89,9 @@ def extension_kwargs() -> dict:
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++20 for torch >= 2.10)
     if sys.platform != "win32":
+        # GCC keeps the epilogue's selects (clamps, masks) as branches under its default trapping math and then
+        # leaves the AVX2 build's exp and dc loops scalar (csrc/README.md); clang's default already is this
+        cxx_flags += ["-fno-trapping-math"]
         cxx_flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
     link_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
 

@@ -1,6 +1,7 @@
 """The C++ backends ("cpu", and "cuda" on a GPU) equal the reference: loss, dx, dW (and dscale, dbias), per dtype,
 on odd shapes, for every family; the custom ops pass torch.library.opcheck and trace under torch.compile."""
 import importlib.util
+import platform
 
 import pytest
 import torch
@@ -456,3 +457,45 @@ def test_cpu_narrower_isa_builds(isa):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] in (isa, "baseline")
+
+
+def _vector_registers_per_kernel():
+    """{'forward'|'backward': the vector widths ('ymm', 'zmm') at which the built fp32 epilogue kernels take exp},
+    from the disassembly of mvloss._C (objdump, demangled)."""
+    import re
+    import shutil
+    import subprocess
+
+    import mvloss._C as ext
+
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "objdump (binutils) is needed to read the built kernels"
+    asm = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    found = {"forward": set(), "backward": set()}
+    kind = None
+    for line in asm.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            name = head.group(1)
+            kind = None
+            if "mvloss::cpu::" in name and "<float" in name:
+                if re.search(r"::(forward_rows|forward_entry|row_sum_exp|row_logits)<float", name):
+                    kind = "forward"
+                elif re.search(r"::(backward_rows|backward_entry|row_backward)<float", name):
+                    kind = "backward"
+        elif kind is not None:
+            if re.search(r"\svpslld\s+\$0x17,", line):  # fast_exp's 2^k: the integer k shifted into the exponent
+                found[kind].update(re.findall(r"%([yz]mm)\d", line))
+    return found
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds only")
+def test_cpu_epilogue_loops_are_vectorised():
+    """The fp32 epilogue's exp runs on 256-bit (AVX2 build) and 512-bit (AVX-512 build) vectors. GCC kept the AVX2
+    build's loops scalar, its trapping math leaving the clamps and masks as branches, so on an AVX2-only CPU the
+    epilogue took as long as the GEMMs, until setup.py passed -fno-trapping-math. This reads the built extension's
+    code, whatever CPU runs the test."""
+    found = _vector_registers_per_kernel()
+    for kind in ("forward", "backward"):
+        assert {"ymm", "zmm"} <= found[kind], f"{kind} epilogue kernels use only {sorted(found[kind])} vectors"
