@@ -8,7 +8,7 @@ import os
 import torch
 
 from . import dispatch
-from .negatives import compute_dtype, inverse_norms
+from .negatives import CPU_ROW_BLOCK_ELEMS, compute_dtype, inverse_norms
 
 
 def triton_glue(t: torch.Tensor) -> bool:
@@ -45,7 +45,7 @@ def triton_part(name: str):
 
 # Elements per block of the normalisation backward: its fp32 temporaries stay bounded whatever C is (a few MB on
 # CPU; on a GPU larger blocks keep the launch count low).
-NORM_BLOCK_ELEMS = {"cpu": 1 << 18}
+NORM_BLOCK_ELEMS = {"cpu": CPU_ROW_BLOCK_ELEMS}
 NORM_BLOCK_ELEMS_DEFAULT = 1 << 24
 
 

@@ -89,8 +89,9 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Elements per block of rows when inverse_norms upcasts on a CPU (1 MB of fp32).
-NORM_BLOCK_ELEMS = 256 * 1024
+# Elements per block of rows when a pass over W's rows upcasts on a CPU (1 MB of fp32, kept in cache): inverse_norms
+# here, the normalisation backward in autograd.py.
+CPU_ROW_BLOCK_ELEMS = 256 * 1024
 
 
 def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,7 +102,7 @@ def inverse_norms(t: torch.Tensor, eps: float) -> torch.Tensor:
     # faster at 100k x 128 (the copies stay in cache)
     blocked = (t.device.type == "cpu" and t.dtype != acc and t.dim() == 2 and not torch.compiler.is_compiling()
                and not (t.requires_grad and torch.is_grad_enabled()))
-    rows = max(1, NORM_BLOCK_ELEMS // max(t.shape[-1], 1))
+    rows = max(1, CPU_ROW_BLOCK_ELEMS // max(t.shape[-1], 1))
     if blocked and t.shape[0] > rows:
         norms = torch.empty(t.shape[0], dtype=acc)
         block = torch.empty(rows, t.shape[1], dtype=acc)
