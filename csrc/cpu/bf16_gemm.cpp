@@ -150,10 +150,13 @@ void PackedB::gemm(int64_t M, const at::BFloat16* a, int64_t lda, float* c, int6
   if (M <= 0 || n_ <= 0) return;
   const at::BFloat16* src = rows_.data_ptr<at::BFloat16>();
   const int64_t s0 = rows_.stride(0), s1 = rows_.stride(1);
-  if (k_ == 0) {
+  const auto clear_c = [&] {  // C = 0 unless add_c, where no micro-kernel call writes C (no even depth)
     if (!add_c) {
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + n_, 0.0f);
     }
+  };
+  if (k_ == 0) {
+    clear_c();
     return;
   }
   if (!vnni_) {  // row-major B: cpublas::gemm underneath
@@ -174,8 +177,8 @@ void PackedB::gemm(int64_t M, const at::BFloat16* a, int64_t lda, float* c, int6
       }
     }
     cpublas::brgemm_release(true);
-  } else if (!add_c) {
-    for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + n_, 0.0f);
+  } else {
+    clear_c();
   }
   if (k_even_ < k_) {  // an odd K: C += A[:, K-1] (x) B[K-1, :]
     const at::BFloat16* last = src + (k_ - 1) * s0;
